@@ -1,0 +1,271 @@
+"""Token statistics from final hidden states and the output embedding, without the (N, V) logits tensor.
+
+Every objective in `tether.objectives` is a function of a few per-token statistics of the response tokens:
+the target log-prob under the policy (and the reference), the full-vocabulary KL(pi_ref || pi) per token
+(TDPO), the target log-prob under the two perturbed policies of epsilon-DPO, and the policy entropy (a
+metric). All of them are reductions over the vocabulary of one token's logits, so they can be computed
+chunk by chunk over tokens: `token_stats` multiplies `chunk_size` hidden states by the head, reduces, and
+drops the chunk's logits. Its backward pass recomputes each chunk's logits instead of storing them, so the
+extra memory is O(chunk_size * V) in both passes, not O(N * V).
+
+Gradient flows to the policy's hidden states and head weight through two outputs, the target log-probs
+and the per-token KL:
+    d logp_t / d z   = onehot(y_t) - p          (p = softmax(z), z the policy logits)
+    d KL_t / d z     = p - p_ref                (KL_t = sum_v p_ref,v (log p_ref,v - log p_v))
+Everything else (reference log-probs, perturbed log-probs, entropy) is computed without gradient.
+
+`token_stats_from_logits` computes the same statistics with plain autograd from logits that are already
+materialized; it backs `tether.functional` and is the reference the chunked path is tested against.
+Logits are computed in at least float32 whatever the hidden-state dtype (bf16/fp16 logits lose the
+small differences the objectives are made of); float64 inputs stay float64 (for gradcheck).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class StatRequest:
+    """Which per-token statistics to compute besides the policy's target log-probs.
+
+    kl: per-token KL(pi_ref || pi) over the full vocabulary (differentiable; needs reference hidden states).
+    epsilon: if set, epsilon-DPO's perturbed target log-probs at beta/(1+epsilon) and beta/(1-epsilon)
+        (no gradient; needs reference hidden states).
+    entropy: per-token policy entropy -sum_v p log p (no gradient; a metric).
+    """
+
+    kl: bool = False
+    epsilon: float | None = None
+    entropy: bool = False
+
+    @property
+    def needs_reference_logits(self) -> bool:
+        return self.kl or self.epsilon is not None
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics for N response tokens; every tensor has shape (N,) and is float32 or float64.
+
+    logps: log pi(y_t | ...) (differentiable). ref_logps: log pi_ref(y_t | ...) (no grad), when the reference
+    was given. kl: KL(pi_ref || pi) at that position (differentiable). relaxed_logps / tightened_logps: target
+    log-prob under log_softmax((1+e) z - e z_ref) and log_softmax((1-e) z + e z_ref), the estimates of the
+    policy trained with beta/(1+e) and beta/(1-e) (no grad). entropy: policy entropy (no grad).
+    """
+
+    logps: torch.Tensor
+    ref_logps: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    relaxed_logps: torch.Tensor | None = None
+    tightened_logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(n, H) x (V, H) -> (n, V) logits in at least float32."""
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    return z.to(_compute_dtype(z.dtype))
+
+
+def _gather(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _chunk_statistics(
+    z: torch.Tensor, z_ref: torch.Tensor | None, targets: torch.Tensor, request: StatRequest
+) -> TokenStats:
+    """All statistics for one chunk from its logits z, z_ref: (n, V); targets: (n,). Pure, differentiable."""
+    logq = torch.log_softmax(z, dim=-1)
+    stats = TokenStats(logps=_gather(logq, targets))
+    if z_ref is not None:
+        logq_ref = torch.log_softmax(z_ref, dim=-1)
+        stats.ref_logps = _gather(logq_ref, targets)
+        if request.kl:
+            # KL(ref || pi) from log-probs only: exp(logq_ref) underflows to 0, never to 0 * -inf.
+            stats.kl = (logq_ref.exp() * (logq_ref - logq)).sum(-1)
+        if request.epsilon is not None:
+            e = request.epsilon
+            stats.relaxed_logps = _gather(torch.log_softmax((1 + e) * z - e * z_ref, dim=-1), targets)
+            stats.tightened_logps = _gather(torch.log_softmax((1 - e) * z + e * z_ref, dim=-1), targets)
+    if request.entropy:
+        stats.entropy = -(logq.exp() * logq).sum(-1)
+    return stats
+
+
+def token_stats_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ref_logits: torch.Tensor | None = None,
+    request: StatRequest = StatRequest(),
+) -> TokenStats:
+    """Statistics from materialized logits (N, V) and ref_logits (N, V); targets (N,). Plain autograd.
+
+    Only `logps` and `kl` carry gradient; the metric-only statistics are detached, as in `token_stats`.
+    """
+    if request.needs_reference_logits and ref_logits is None:
+        raise ValueError("this StatRequest needs reference logits (kl or epsilon was requested)")
+    z = logits.to(_compute_dtype(logits.dtype))
+    z_ref = None if ref_logits is None else ref_logits.detach().to(z.dtype)
+    stats = _chunk_statistics(z, z_ref, targets, request)
+    for name in ("ref_logps", "relaxed_logps", "tightened_logps", "entropy"):
+        value = getattr(stats, name)
+        if value is not None:
+            setattr(stats, name, value.detach())
+    return stats
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """Forward: statistics chunk by chunk. Backward: recompute each chunk's logits, apply the closed forms."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, request, chunk_size):
+        n = hidden.shape[0]
+        dtype = _compute_dtype(hidden.dtype)
+        has_ref = ref_hidden is not None
+        out = {
+            "logps": torch.empty(n, dtype=dtype, device=hidden.device),
+            "ref_logps": torch.empty(n, dtype=dtype, device=hidden.device) if has_ref else None,
+            "kl": torch.empty(n, dtype=dtype, device=hidden.device) if request.kl else None,
+            "relaxed_logps": None,
+            "tightened_logps": None,
+            "entropy": torch.empty(n, dtype=dtype, device=hidden.device) if request.entropy else None,
+        }
+        if request.epsilon is not None:
+            out["relaxed_logps"] = torch.empty(n, dtype=dtype, device=hidden.device)
+            out["tightened_logps"] = torch.empty(n, dtype=dtype, device=hidden.device)
+        lse = torch.empty(n, dtype=dtype, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            z = _logits(hidden[sl], weight, bias)
+            z_ref = _logits(ref_hidden[sl], ref_weight, ref_bias) if has_ref else None
+            chunk = _chunk_statistics(z, z_ref, targets[sl], request)
+            lse[sl] = torch.logsumexp(z, dim=-1)
+            for name, buf in out.items():
+                if buf is not None:
+                    buf[sl] = getattr(chunk, name)
+            del z, z_ref, chunk
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse)
+        ctx.request = request
+        ctx.chunk_size = chunk_size
+        # Outputs must be tensors: absent statistics come back as empty tensors and are mapped to None.
+        results = [out[k] if out[k] is not None else hidden.new_empty(0, dtype=dtype) for k in out]
+        ctx.mark_non_differentiable(*[r for i, r in enumerate(results) if i not in (0, 2)])
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, grad_logps, _g_ref, grad_kl, _g_rel, _g_tight, _g_ent):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse = ctx.saved_tensors
+        request, chunk_size = ctx.request, ctx.chunk_size
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        use_kl = request.kl and grad_kl is not None and grad_kl.numel() > 0
+        low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
+        acc_dtype = torch.float32 if low_precision else hidden.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
+        if grad_logps is None:
+            grad_logps = torch.zeros_like(lse)
+        for start in range(0, hidden.shape[0], chunk_size):
+            sl = slice(start, min(start + chunk_size, hidden.shape[0]))
+            z = _logits(hidden[sl], weight, bias)
+            p = torch.exp(z - lse[sl].unsqueeze(-1))
+            g_lp = grad_logps[sl].unsqueeze(-1)
+            # d logp/dz = onehot - p ; d KL/dz = p - p_ref
+            if use_kl:
+                g_kl = grad_kl[sl].unsqueeze(-1)
+                p_ref = torch.softmax(_logits(ref_hidden[sl], ref_weight, ref_bias), dim=-1)
+                g = p * (g_kl - g_lp) - p_ref * g_kl
+                del p_ref
+            else:
+                g = -p * g_lp
+            g.scatter_add_(-1, targets[sl].unsqueeze(-1), g_lp)
+            del p, z
+            g_w = g.to(hidden.dtype)
+            if need_h:
+                grad_h[sl] = g_w @ weight
+            if need_w:
+                grad_w.addmm_(g_w.t().to(acc_dtype), hidden[sl].to(acc_dtype))
+            if need_b:
+                grad_b += g.sum(0).to(acc_dtype)
+            del g, g_w
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    request: StatRequest = StatRequest(),
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> TokenStats:
+    """Per-token statistics of N response tokens, chunked over tokens.
+
+    hidden: (N, H) final hidden states of the policy at the positions that predict the targets.
+    weight: (V, H) the policy's output embedding (lm_head weight); bias: (V,) or None.
+    targets: (N,) token ids. ref_hidden: (N, H) the reference's final hidden states at the same positions,
+    ref_weight: (V, H), ref_bias: (V,) or None (no gradient flows to any of them).
+    Peak extra memory is a few (chunk_size, V) buffers in forward and backward.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if request.needs_reference_logits and (ref_hidden is None or ref_weight is None):
+        raise ValueError("kl / epsilon statistics need ref_hidden and ref_weight")
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"hidden must be (N, H) and targets (N,); got {tuple(hidden.shape)}, {tuple(targets.shape)}"
+        )
+    if ref_hidden is not None:
+        ref_hidden = ref_hidden.detach()
+        ref_weight = ref_weight.detach()
+        ref_bias = None if ref_bias is None else ref_bias.detach()
+    outputs = _ChunkedHead.apply(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, request, chunk_size
+    )
+    names = ("logps", "ref_logps", "kl", "relaxed_logps", "tightened_logps", "entropy")
+    present = {
+        "logps": True,
+        "ref_logps": ref_hidden is not None,
+        "kl": request.kl,
+        "relaxed_logps": request.epsilon is not None,
+        "tightened_logps": request.epsilon is not None,
+        "entropy": request.entropy,
+    }
+    return TokenStats(**{n: (o if present[n] else None) for n, o in zip(names, outputs)})
+
+
+def response_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the response tokens are predicted, in the Hugging Face shift convention.
+
+    labels: (S, T). Returns mask (S, T-1), true where the logit at position t predicts a response token
+    labels[t+1], and targets (N,) = those token ids in row-major order.
+    """
+    shifted = labels[:, 1:]
+    mask = shifted != ignore_index
+    return mask, shifted[mask]
+
+
+def sequence_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum per-token values (N,) back to their sequences: mask (S, T-1) from `response_positions` -> (S,)."""
+    seq_index = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    out = values.new_zeros(mask.shape[0])
+    return out.index_add(0, seq_index, values)

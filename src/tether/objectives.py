@@ -1,0 +1,425 @@
+"""Preference objectives: DPO, IPO, cDPO, H-DPO, epsilon-DPO, TDPO1, TDPO2.
+
+Each objective is a small class: hyperparameters validated at construction, a `needs` set naming the
+statistics it reads from `PairStats`, and `__call__(stats) -> ObjectiveOutput` with per-pair losses (B,) and
+batch-mean metrics under TRL's names. `build_objective(name, **hparams)` is the registry.
+
+Notation (shared/DESIGN.md section 1): pw, pl = policy sequence log-probs of chosen / rejected (summed over
+response tokens), rw, rl = the reference's; sigma the logistic function; sg() stop-gradient.
+
+Compositions (where the math composes). H-DPO's entropy coefficient alpha replaces the policy's log-prob
+logp by alpha*logp inside the log-ratio; it is accepted as `entropy_alpha` by
+  - epsilon_dpo: loss = -log sigma(beta_i * [(a*pw - rw) - (a*pl - rl)])
+  - tdpo1 / tdpo2: u = beta*(a*pw - rw) - beta*(a*pl - rl), and TDPO's delta as usual.
+entropy_alpha = 1 (the default) is the plain method. dpo/ipo/cdpo reject it (use `hdpo` for DPO with alpha;
+IPO's and cDPO's papers define no entropy-controlled form).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+
+class Stat(StrEnum):
+    """Statistics an objective may need beyond the four sequence log-probs."""
+
+    LENGTHS = "lengths"  # response token counts per sequence
+    TOKEN_KL = "token_kl"  # sum over tokens of KL(pi_ref || pi): needs reference distributions
+    PERTURBED = "perturbed"  # epsilon-DPO's perturbed log-probs: needs reference distributions
+    ENTROPY = "entropy"  # summed policy entropy (a metric; optional for every objective)
+
+
+REFERENCE_DISTRIBUTION_STATS = frozenset({Stat.TOKEN_KL, Stat.PERTURBED})
+
+
+@dataclass
+class PairStats:
+    """Per-pair statistics, each of shape (B,). Optional fields are None when not computed.
+
+    policy_*_logps carry gradient; ref_*_logps never do. kl_* = sum over response tokens of
+    KL(pi_ref(.|x,y<t) || pi(.|x,y<t)) (carry gradient). relaxed_* / tightened_* = sequence log-probs under the
+    estimates of the policy at beta/(1+e) and beta/(1-e) (no grad). entropy_* = summed per-token policy
+    entropy (no grad). *_lengths = number of response tokens.
+    """
+
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor | None = None
+    rejected_lengths: torch.Tensor | None = None
+    kl_chosen: torch.Tensor | None = None
+    kl_rejected: torch.Tensor | None = None
+    relaxed_chosen_logps: torch.Tensor | None = None
+    relaxed_rejected_logps: torch.Tensor | None = None
+    tightened_chosen_logps: torch.Tensor | None = None
+    tightened_rejected_logps: torch.Tensor | None = None
+    entropy_chosen: torch.Tensor | None = None
+    entropy_rejected: torch.Tensor | None = None
+
+    def swapped(self) -> PairStats:
+        """The same pairs with chosen and rejected exchanged."""
+        kwargs = {}
+        for f in fields(self):
+            name = f.name
+            for a, b in (("chosen", "rejected"), ("rejected", "chosen")):
+                if a in name:
+                    name = name.replace(a, b)
+                    break
+            kwargs[name] = getattr(self, f.name)
+        return PairStats(**kwargs)
+
+
+@dataclass
+class ObjectiveOutput:
+    """losses, chosen_rewards, rejected_rewards: (B,); metrics: scalar tensors (batch means, detached).
+
+    beta_steps: epsilon-DPO's per-pair step s in {-1, 0, +1} (B,), else None.
+    """
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    beta_steps: torch.Tensor | None = None
+
+
+class ObjectiveConfigError(ValueError):
+    """An objective's name or hyperparameters are invalid."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ObjectiveConfigError(message)
+
+
+def _check_beta(beta: float) -> float:
+    _require(math.isfinite(beta) and beta > 0, f"beta must be a finite number > 0, got {beta!r}")
+    return float(beta)
+
+
+def _check_alpha(alpha: float, name: str = "alpha") -> float:
+    _require(math.isfinite(alpha) and alpha > 0, f"{name} must be a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+
+def _metrics(out: ObjectiveOutput, stats: PairStats) -> ObjectiveOutput:
+    """Fill the metrics every objective reports (TRL's names; token-mean entropy when available)."""
+    cr, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+    m = out.metrics
+    m["loss"] = out.losses.detach().mean()
+    m["rewards/chosen"] = cr.mean()
+    m["rewards/rejected"] = rr.mean()
+    m["rewards/margins"] = (cr - rr).mean()
+    m["rewards/accuracies"] = (cr > rr).float().mean()
+    m["logps/chosen"] = stats.policy_chosen_logps.detach().mean()
+    m["logps/rejected"] = stats.policy_rejected_logps.detach().mean()
+    for side in ("chosen", "rejected"):
+        ent, lengths = getattr(stats, f"entropy_{side}"), getattr(stats, f"{side}_lengths")
+        if ent is not None and lengths is not None:
+            m[f"entropy/{side}"] = ent.detach().sum() / lengths.sum().clamp(min=1)
+    return out
+
+
+def _stat(stats: PairStats, name: str, objective: str) -> torch.Tensor:
+    value = getattr(stats, name)
+    if value is None:
+        raise ValueError(f"objective '{objective}' needs PairStats.{name}, which was not computed")
+    return value
+
+
+class Objective(ABC):
+    """Base class: a pure function of PairStats, plus (for epsilon-DPO) a checkpointable base beta."""
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[Stat]] = frozenset()
+
+    @property
+    def needs_reference_distribution(self) -> bool:
+        """True when the objective needs the reference's full next-token distributions, not just log-probs."""
+        return bool(self.needs & REFERENCE_DISTRIBUTION_STATS)
+
+    @abstractmethod
+    def __call__(self, stats: PairStats) -> ObjectiveOutput: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"objective '{self.name}' has no state, got keys {sorted(state)}")
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor arguments, for logging and for refusing a resume with changed hyperparameters."""
+        return {k: getattr(self, k) for k in inspect.signature(type(self)).parameters}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _logratio_margin(stats: PairStats, alpha: float = 1.0) -> torch.Tensor:
+    """(a*pw - rw) - (a*pl - rl): (B,). alpha = 1 gives DPO's (pw - rw) - (pl - rl)."""
+    return (alpha * stats.policy_chosen_logps - stats.ref_chosen_logps) - (
+        alpha * stats.policy_rejected_logps - stats.ref_rejected_logps
+    )
+
+
+class DPO(Objective):
+    """DPO (Rafailov et al. 2023, eq. 7): loss = -log sigma(beta * [(pw - rw) - (pl - rl)])."""
+
+    name = "dpo"
+
+    def __init__(self, beta: float = 0.1):
+        self.beta = _check_beta(beta)
+
+    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+        h = self.beta * _logratio_margin(stats)
+        out = ObjectiveOutput(
+            losses=-F.logsigmoid(h),
+            chosen_rewards=self.beta * (stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
+            rejected_rewards=self.beta * (stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
+        )
+        return _metrics(out, stats)
+
+
+class ConservativeDPO(Objective):
+    """cDPO, label-smoothed DPO (Mitchell 2023 note; DPO paper's eq. 7 with noisy labels):
+    loss = -(1 - e) log sigma(h) - e log sigma(-h), h = beta * [(pw - rw) - (pl - rl)], 0 <= e < 0.5.
+    """
+
+    name = "cdpo"
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1):
+        self.beta = _check_beta(beta)
+        _require(
+            math.isfinite(label_smoothing) and 0.0 <= label_smoothing < 0.5,
+            f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}",
+        )
+        self.label_smoothing = float(label_smoothing)
+
+    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+        h = self.beta * _logratio_margin(stats)
+        e = self.label_smoothing
+        out = ObjectiveOutput(
+            losses=-(1 - e) * F.logsigmoid(h) - e * F.logsigmoid(-h),
+            chosen_rewards=self.beta * (stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
+            rejected_rewards=self.beta * (stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
+        )
+        return _metrics(out, stats)
+
+
+class IPO(Objective):
+    """IPO (Azar et al. 2023, eq. 17): loss = (q - 1/(2*beta))^2, q = (pw - rw) - (pl - rl).
+
+    length_normalize=True divides each sequence's log-ratio by its response length first, as TRL's `ipo`
+    loss does (the IPO paper's per-token form).
+    """
+
+    name = "ipo"
+
+    def __init__(self, beta: float = 0.1, length_normalize: bool = False):
+        self.beta = _check_beta(beta)
+        self.length_normalize = bool(length_normalize)
+
+    @property
+    def needs(self) -> frozenset[Stat]:  # type: ignore[override]
+        return frozenset({Stat.LENGTHS}) if self.length_normalize else frozenset()
+
+    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+        chosen = stats.policy_chosen_logps - stats.ref_chosen_logps
+        rejected = stats.policy_rejected_logps - stats.ref_rejected_logps
+        if self.length_normalize:
+            chosen = chosen / _stat(stats, "chosen_lengths", self.name).clamp(min=1)
+            rejected = rejected / _stat(stats, "rejected_lengths", self.name).clamp(min=1)
+        q = chosen - rejected
+        out = ObjectiveOutput(
+            losses=(q - 1 / (2 * self.beta)) ** 2,
+            chosen_rewards=self.beta * chosen.detach(),
+            rejected_rewards=self.beta * rejected.detach(),
+        )
+        return _metrics(out, stats)
+
+
+class HDPO(Objective):
+    """H-DPO (Omura et al. 2024, arXiv 2411.07595, the H-DPO loss):
+    loss = -log sigma(beta * [(alpha*pw - rw) - (alpha*pl - rl)]).
+
+    From max E[r] - beta*(-alpha*H(pi) + CE(pi, pi_ref)); alpha < 1 sharpens the policy, alpha > 1 keeps
+    diversity, alpha = 1 is DPO exactly. Rewards are reported with the same alpha.
+    """
+
+    name = "hdpo"
+
+    def __init__(self, beta: float = 0.1, alpha: float = 0.95):
+        self.beta = _check_beta(beta)
+        self.alpha = _check_alpha(alpha)
+
+    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+        a = self.alpha
+        h = self.beta * _logratio_margin(stats, a)
+        out = ObjectiveOutput(
+            losses=-F.logsigmoid(h),
+            chosen_rewards=self.beta * (a * stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
+            rejected_rewards=self.beta
+            * (a * stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
+        )
+        return _metrics(out, stats)
+
+
+def epsilon_steps(stats: PairStats) -> torch.Tensor:
+    """epsilon-DPO's per-pair step s (B,) in {-1, 0, +1} (arXiv 2502.13177, as in the authors' code).
+
+    z = pw - pl under the current policy, z_plus under the beta/(1+e) estimate, z_minus under beta/(1-e).
+    s = +1 if z_plus > z > z_minus (the preference logit grows as beta shrinks: relax),
+    s = -1 if z_minus > z > z_plus (it grows as beta grows: tighten), else 0 (ties included).
+    """
+    z = (stats.policy_chosen_logps - stats.policy_rejected_logps).detach()
+    z_plus = stats.relaxed_chosen_logps - stats.relaxed_rejected_logps
+    z_minus = stats.tightened_chosen_logps - stats.tightened_rejected_logps
+    relax = (z_plus > z) & (z > z_minus)
+    tighten = (z_minus > z) & (z > z_plus)
+    return relax.to(z.dtype) - tighten.to(z.dtype)
+
+
+class EpsilonDPO(Objective):
+    """epsilon-DPO (arXiv 2502.13177, the per-pair loss with the authors' beta update): per-pair beta_i = beta / (1 + e * s_i),
+    loss = -log sigma(beta_i * [(a*pw - rw) - (a*pl - rl)]), s_i from `epsilon_steps` (a = entropy_alpha,
+    H-DPO's coefficient; 1 is plain epsilon-DPO).
+
+    The base beta is state: after each optimizer step, `update_base_beta(m)` sets beta <- beta / (1 + e*m),
+    m = mean of s over that step's pairs on every process. The step's own loss used the old beta.
+    """
+
+    name = "epsilon_dpo"
+    needs = frozenset({Stat.PERTURBED})
+
+    def __init__(self, beta: float = 0.1, epsilon: float = 0.01, entropy_alpha: float = 1.0):
+        self.beta = _check_beta(beta)
+        _require(math.isfinite(epsilon) and 0 < epsilon < 1, f"epsilon must be in (0, 1), got {epsilon!r}")
+        self.epsilon = float(epsilon)
+        self.entropy_alpha = _check_alpha(entropy_alpha, "entropy_alpha")
+
+    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+        for name in ("relaxed_chosen_logps", "relaxed_rejected_logps"):
+            _stat(stats, name, self.name)
+        s = epsilon_steps(stats)
+        beta_i = self.beta / (1 + self.epsilon * s)
+        a = self.entropy_alpha
+        out = ObjectiveOutput(
+            losses=-F.logsigmoid(beta_i * _logratio_margin(stats, a)),
+            chosen_rewards=beta_i * (a * stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
+            rejected_rewards=beta_i * (a * stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
+            beta_steps=s,
+        )
+        out.metrics["beta/mean"] = beta_i.mean()
+        out.metrics["beta/base"] = torch.tensor(self.beta, dtype=beta_i.dtype)
+        out.metrics["beta/relaxed_frac"] = (s > 0).to(beta_i.dtype).mean()
+        out.metrics["beta/tightened_frac"] = (s < 0).to(beta_i.dtype).mean()
+        return _metrics(out, stats)
+
+    def update_base_beta(self, mean_step: float) -> float:
+        """beta <- beta / (1 + e * m); m is the mean step over the optimizer step's pairs (all processes)."""
+        _require(-1.0 <= mean_step <= 1.0, f"mean step must be in [-1, 1], got {mean_step!r}")
+        self.beta = self.beta / (1 + self.epsilon * mean_step)
+        return self.beta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.beta = _check_beta(float(state["beta"]))
+
+
+class _TDPOBase(Objective):
+    needs = frozenset({Stat.TOKEN_KL})
+
+    def _parts(self, stats: PairStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kl_w = _stat(stats, "kl_chosen", self.name)
+        kl_l = _stat(stats, "kl_rejected", self.name)
+        u = self.beta * _logratio_margin(stats, self.entropy_alpha)
+        return u, kl_w, kl_l
+
+    def _finish(self, losses: torch.Tensor, stats: PairStats, kl_w, kl_l) -> ObjectiveOutput:
+        a = self.entropy_alpha
+        out = ObjectiveOutput(
+            losses=losses,
+            chosen_rewards=self.beta * (a * stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
+            rejected_rewards=self.beta
+            * (a * stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
+        )
+        out.metrics["kl/seq_chosen"] = kl_w.detach().mean()
+        out.metrics["kl/seq_rejected"] = kl_l.detach().mean()
+        return _metrics(out, stats)
+
+
+class TDPO1(_TDPOBase):
+    """TDPO1 (Zeng et al. 2024, arXiv 2404.11999, the TDPO1 loss): loss = -log sigma(u - delta),
+    u = beta*(a*pw - rw) - beta*(a*pl - rl), delta = beta*D(x, y_l) - beta*D(x, y_w),
+    D = sum over response tokens of KL(pi_ref(.|x,y<t) || pi(.|x,y<t)); a = entropy_alpha (1: plain TDPO1).
+    """
+
+    name = "tdpo1"
+
+    def __init__(self, beta: float = 0.1, entropy_alpha: float = 1.0):
+        self.beta = _check_beta(beta)
+        self.entropy_alpha = _check_alpha(entropy_alpha, "entropy_alpha")
+
+    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+        u, kl_w, kl_l = self._parts(stats)
+        delta = self.beta * kl_l - self.beta * kl_w
+        return self._finish(-F.logsigmoid(u - delta), stats, kl_w, kl_l)
+
+
+class TDPO2(_TDPOBase):
+    """TDPO2 (Zeng et al. 2024, arXiv 2404.11999, the TDPO2 loss): loss = -log sigma(u - alpha*delta),
+    delta = beta*D(x, y_l) - sg(beta*D(x, y_w)); u and D as in TDPO1 (a = entropy_alpha).
+    """
+
+    name = "tdpo2"
+
+    def __init__(self, beta: float = 0.1, alpha: float = 0.5, entropy_alpha: float = 1.0):
+        self.beta = _check_beta(beta)
+        self.alpha = _check_alpha(alpha)
+        self.entropy_alpha = _check_alpha(entropy_alpha, "entropy_alpha")
+
+    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+        u, kl_w, kl_l = self._parts(stats)
+        delta = self.beta * kl_l - (self.beta * kl_w).detach()
+        return self._finish(-F.logsigmoid(u - self.alpha * delta), stats, kl_w, kl_l)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (DPO, IPO, ConservativeDPO, HDPO, EpsilonDPO, TDPO1, TDPO2)
+}
+
+
+def build_objective(name: str, **hparams: Any) -> Objective:
+    """Construct a registered objective by its config name, with a clear error for unknown names/arguments."""
+    if name not in OBJECTIVES:
+        raise ObjectiveConfigError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    cls = OBJECTIVES[name]
+    accepted = list(inspect.signature(cls).parameters)
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        hint = ""
+        if "entropy_alpha" in unknown:
+            hint = (
+                " H-DPO's entropy coefficient composes only with epsilon_dpo, tdpo1 and tdpo2 (as"
+                " entropy_alpha); for DPO with alpha use objective 'hdpo' and its 'alpha'."
+            )
+        elif "alpha" in unknown:
+            hint = " 'alpha' is H-DPO's (hdpo) or TDPO2's (tdpo2); use 'entropy_alpha' to add H-DPO's alpha"
+            hint += " to epsilon_dpo or tdpo1."
+        raise ObjectiveConfigError(
+            f"objective {name!r} does not accept {unknown}; it accepts {accepted}.{hint}"
+        )
+    return cls(**hparams)
