@@ -1,0 +1,369 @@
+"""Training configuration: our own dataclasses, loaded from YAML with `key=value` overrides.
+
+    tether train run.yaml objective.name=hdpo objective.alpha=0.9
+
+Every field is documented in one line. Unknown keys, wrong types and invalid values raise `ConfigError`
+naming the field, before any model is loaded (`TrainConfig.validate` also checks the paths exist).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether.objectives import ObjectiveConfigError, build_objective
+
+
+class ConfigError(ValueError):
+    """A configuration field is unknown, of the wrong type or invalid."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local folder with config.json, *.safetensors weights and the tokenizer
+    tokenizer_path: str | None = None  # tokenizer folder if it is not `path`
+    dtype: str = "float32"  # dtype of the weights: float32 | bfloat16 | float16
+    trust_remote_code: bool = False  # run the model folder's own Python code (off unless you trust it)
+    attn_implementation: str | None = None  # transformers attention backend, e.g. "sdpa" or "eager"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # train LoRA adapters (peft) instead of all weights
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # modules
+    merge_on_save: bool = True  # merge adapters into the weights of the final saved model
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL / Parquet / CSV file or a `datasets.save_to_disk` folder
+    split: str = "train"  # split to use when `train` is a DatasetDict folder
+    max_length: int | None = 512  # max tokens of prompt + response (responses truncated from the right)
+    max_prompt_length: int | None = 256  # max prompt tokens (prompts truncated from the left)
+    on_bad_row: str = "error"  # error: stop at the first bad row | skip: count, report and skip bad rows
+    shuffle: bool = True  # reshuffle the pairs every epoch (seeded by optim.seed and the epoch)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dpo"  # dpo | ipo | cdpo | hdpo | epsilon_dpo | tdpo1 | tdpo2
+    beta: float = 0.1  # KL strength (the base beta for epsilon_dpo)
+    alpha: float | None = None  # H-DPO's entropy coefficient (hdpo) or TDPO2's alpha (tdpo2)
+    entropy_alpha: float | None = None  # H-DPO's alpha composed with epsilon_dpo / tdpo1 / tdpo2
+    epsilon: float | None = None  # epsilon-DPO's perturbation size, in (0, 1)
+    label_smoothing: float | None = None  # cDPO's label noise, in [0, 0.5)
+    length_normalize: bool | None = None  # IPO: divide log-ratios by response length (TRL's ipo)
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor arguments of the objective: beta plus every field that was set."""
+        out = {"beta": self.beta}
+        for name in ("alpha", "entropy_alpha", "epsilon", "label_smoothing", "length_normalize"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclass
+class ReferenceConfig:
+    mode: str = "auto"  # copy: frozen copy (+1 model in memory) | adapter: LoRA policy with adapters off
+    # (no extra memory; needs lora.enabled) | cache: one pass before training, stored on disk (no model in
+    # memory during training) | auto: adapter with LoRA, else copy
+    path: str | None = None  # a different reference model folder (default: the policy's initial weights)
+    cache_dtype: str = (
+        "float32"  # dtype of cached reference hidden states (TDPO / epsilon-DPO); float16 halves disk
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm (None: no clipping)
+    scheduler: str = "cosine"  # cosine | linear | constant (all after linear warmup)
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0
+    batch_size: int = 4  # pairs per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: int = 1  # passes over the data (ignored when max_steps is set)
+    max_steps: int | None = None  # stop after this many optimizer steps
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast via accelerate)
+    chunk_size: int = 1024  # response tokens per lm_head chunk (memory ~ chunk_size * vocab)
+    seed: int = 0  # seeds model init of adapters, data order and dropout
+    deterministic: bool = False  # torch deterministic algorithms (bitwise resume on CPU)
+    on_nonfinite: str = "error"  # error: stop naming step and rows | skip: drop the step, counted
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save a checkpoint every N optimizer steps (0: only the final model)
+    keep_last: int = 2  # number of complete checkpoints to keep
+    allow_changed_config: bool = False  # resume even if objective / beta / seed / data differ
+
+
+@dataclass
+class LogConfig:
+    every: int = 1  # write metrics every N optimizer steps
+    trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard, wandb]
+    progress: bool = True  # show a progress bar
+    entropy: bool = True  # compute the policy-entropy metrics (entropy/chosen, entropy/rejected)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/tether"  # run folder: config, metrics.jsonl, checkpoints/, final/
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def reference_mode(self) -> str:
+        """The resolved reference mode (auto -> adapter with LoRA, else copy)."""
+        if self.reference.mode == "auto":
+            return "adapter" if self.lora.enabled else "copy"
+        return self.reference.mode
+
+    def validate(self, check_paths: bool = True) -> None:
+        """Check every value (and the model/data paths); raise ConfigError naming the field and the fix."""
+        _choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
+        _choice("data.on_bad_row", self.data.on_bad_row, ("error", "skip"))
+        _choice("reference.mode", self.reference.mode, ("auto", "copy", "adapter", "cache"))
+        _choice("reference.cache_dtype", self.reference.cache_dtype, ("float32", "bfloat16", "float16"))
+        _choice("optim.scheduler", self.optim.scheduler, ("cosine", "linear", "constant"))
+        _choice("optim.mixed_precision", self.optim.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("optim.on_nonfinite", self.optim.on_nonfinite, ("error", "skip"))
+        for name, value in (
+            ("optim.batch_size", self.optim.batch_size),
+            ("optim.grad_accum", self.optim.grad_accum),
+            ("optim.epochs", self.optim.epochs),
+            ("optim.chunk_size", self.optim.chunk_size),
+            ("checkpoint.keep_last", self.checkpoint.keep_last),
+            ("logging.every", self.logging.every),
+            ("lora.r", self.lora.r),
+        ):
+            _positive(name, value)
+        if self.optim.max_steps is not None:
+            _positive("optim.max_steps", self.optim.max_steps)
+        if not (math.isfinite(self.optim.lr) and self.optim.lr >= 0):
+            raise ConfigError(f"optim.lr must be a finite number >= 0, got {self.optim.lr!r}")
+        if self.optim.max_grad_norm is not None and not self.optim.max_grad_norm > 0:
+            raise ConfigError(f"optim.max_grad_norm must be > 0 or null, got {self.optim.max_grad_norm!r}")
+        if self.optim.warmup_steps < 0 or self.checkpoint.every < 0:
+            raise ConfigError("optim.warmup_steps and checkpoint.every must be >= 0")
+        if self.data.max_length is not None:
+            _positive("data.max_length", self.data.max_length)
+        if self.data.max_prompt_length is not None:
+            _positive("data.max_prompt_length", self.data.max_prompt_length)
+        self.build_objective()
+        mode = self.reference_mode()
+        if mode == "adapter" and not self.lora.enabled:
+            raise ConfigError(
+                "reference.mode=adapter needs lora.enabled=true (set reference.mode=copy or cache)"
+            )
+        if mode == "adapter" and self.reference.path is not None:
+            raise ConfigError(
+                "reference.path cannot be used with reference.mode=adapter (the policy is the reference)"
+            )
+        if check_paths:
+            _model_folder("model.path", self.model.path, self.model.tokenizer_path)
+            if self.reference.path is not None:
+                _model_folder(
+                    "reference.path", self.reference.path, self.model.tokenizer_path or self.model.path
+                )
+            if not self.data.train:
+                raise ConfigError("data.train is empty: give a JSONL/Parquet/CSV file or a datasets folder")
+            if not Path(self.data.train).exists():
+                raise ConfigError(f"data.train: {self.data.train} does not exist")
+
+    def build_objective(self):
+        try:
+            return build_objective(self.objective.name, **self.objective.hparams())
+        except ObjectiveConfigError as exc:
+            raise ConfigError(f"objective: {exc}") from exc
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value!r}")
+
+
+def _model_folder(name: str, path: str, tokenizer_path: str | None) -> None:
+    """A local Hugging Face model folder: config.json and safetensors weights (and a tokenizer)."""
+    if not path:
+        raise ConfigError(f"{name} is empty: give a local model folder (config.json + *.safetensors)")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{name}: {path} is not a folder (tether loads local models only, no hub downloads)"
+        )
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{name}: {path} has no config.json; save the model with save_pretrained")
+    if not any(folder.glob("*.safetensors")):
+        hint = (
+            " (found pickle weights: re-save with safe_serialization=True)"
+            if any(folder.glob("*.bin"))
+            else ""
+        )
+        raise ConfigError(f"{name}: {path} has no *.safetensors weights{hint}; tether loads safetensors only")
+    tok = Path(tokenizer_path) if tokenizer_path else folder
+    if not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ConfigError(
+            f"{name}: no tokenizer files in {tok}; save the tokenizer there or set model.tokenizer_path"
+        )
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Check/convert a YAML value to the annotated type; raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_convert(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of fields, got {value!r}")
+        return _from_dict(tp, value, name)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; {prefix or 'top level'} has {names}"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. objective.beta=0.1)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a TrainConfig from YAML (or defaults when path is None) and apply key=value overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    config = _from_dict(TrainConfig, data)
+    config.validate(check_paths=False)
+    return config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (unless checkpoint.allow_changed_config)."""
+    return json.loads(
+        json.dumps(
+            {
+                "objective": config.objective.name,
+                "hparams": config.objective.hparams(),
+                "seed": config.optim.seed,
+                "data": config.data.train,
+                "batch_size": config.optim.batch_size,
+                "grad_accum": config.optim.grad_accum,
+            }
+        )
+    )

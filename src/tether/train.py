@@ -1,0 +1,460 @@
+"""The training loop: one readable function on `accelerate`.
+
+Assumptions, stated once:
+- The data order is a pure function of (seed, epoch): every optimizer step s takes the pairs
+  perm_epoch[k*G : (k+1)*G] with G = batch_size * grad_accum * world_size. A resumed run therefore needs only
+  the step number to continue exactly where it stopped. The last step of an epoch may be smaller.
+- Within a step, micro-batch j of process r holds pairs [(j*W + r)*b, (j*W + r + 1)*b) of the step. Each process
+  backpropagates sum(losses) * W / n_step, so after DDP averages gradients over W processes the step's gradient
+  is exactly that of the mean loss over its n_step pairs: batch 4 x accumulation 1 equals 2 x 2 equals 1 x 4,
+  and 2 processes equal 1, also for an uneven last window. A process with no pairs in a micro-batch still runs
+  one (a repeated pair with weight 0) so collectives never hang.
+- Checkpoints are only written at optimizer-step boundaries, into `step-N.partial/`, renamed to `step-N/` once
+  complete; `state.json` is written last, and only folders with it are ever loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tether.config import TrainConfig, config_fingerprint, save_config
+from tether.modeling import (
+    compute_pair_stats,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+)
+from tether.objectives import EpsilonDPO
+from tether.reference import (
+    AdapterReference,
+    CachedReference,
+    ModelReference,
+    Reference,
+    build_reference_cache,
+)
+from tether.statistics import stat_request
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient was NaN/inf and optim.on_nonfinite is 'error'."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_model: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+
+
+# --- data order ----------------------------------------------------------------------------------------
+
+
+def epoch_permutation(num_pairs: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(num_pairs))
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_pairs, generator=g).tolist()
+
+
+def step_pairs(
+    num_pairs: int, global_batch: int, step: int, seed: int, shuffle: bool
+) -> tuple[int, list[int]]:
+    """(epoch, dataset indices) of optimizer step `step` (0-based)."""
+    steps_per_epoch = math.ceil(num_pairs / global_batch)
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = epoch_permutation(num_pairs, seed, epoch, shuffle)
+    return epoch, perm[k * global_batch : (k + 1) * global_batch]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints (step-N with state.json) sorted by step; partial folders are never returned."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        m = CHECKPOINT_RE.match(child.name)
+        if m and (child / "state.json").is_file():
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def _save_checkpoint(accelerator, folder: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    final = folder / f"step-{step:08d}"
+    staging = folder / f"step-{step:08d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = staging / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, staging / "state.json")  # written last: marks the folder complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for old in complete_checkpoints(folder)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --- setup ---------------------------------------------------------------------------------------------
+
+
+def _apply_lora(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def _scheduler(optimizer, config: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(config.optim.scheduler, config.optim.scheduler)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=config.optim.warmup_steps, num_training_steps=max(total_steps, 1)
+    )
+
+
+def _make_reference(config, policy, dataset, collate, accelerator, objective) -> Reference:
+    mode = config.reference_mode()
+    if mode == "adapter":
+        return AdapterReference(policy)
+    if mode == "copy":
+        if config.reference.path:
+            ref = load_causal_lm(config.reference.path, config.model)
+        else:
+            ref = copy.deepcopy(policy)
+        disable_dropout(ref)
+        return ModelReference(ref.to(accelerator.device))
+    # cache: one pass with a frozen reference on the main process, then every process memory-maps it.
+    folder = Path(config.output_dir) / "reference_cache"
+    store_hidden = objective.needs_reference_distribution
+    if accelerator.is_main_process:
+        usable = (folder / "meta.json").is_file() and _cache_matches(folder, len(dataset), store_hidden)
+        if not usable:
+            ref = load_causal_lm(config.reference.path, config.model) if config.reference.path else policy
+            ref = ref.to(accelerator.device)
+            was_training = ref.training
+            build_reference_cache(
+                ref,
+                dataset,
+                collate,
+                folder,
+                store_hidden=store_hidden,
+                hidden_dtype=getattr(torch, config.reference.cache_dtype),
+                batch_size=config.optim.batch_size,
+                chunk_size=config.optim.chunk_size,
+                device=accelerator.device,
+                progress=config.logging.progress,
+            )
+            ref.train(was_training)
+            del ref
+    accelerator.wait_for_everyone()
+    return CachedReference(folder, device=accelerator.device)
+
+
+def _cache_matches(folder: Path, pairs: int, store_hidden: bool) -> bool:
+    meta = json.loads((folder / "meta.json").read_text())
+    return meta.get("pairs") == pairs and bool(meta.get("hidden")) == store_hidden
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train a policy on preference pairs as configured; see the module docstring for the invariants."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from tether.data import PreferenceCollator, load_preference_data
+
+    config.validate(check_paths=True)
+    objective = config.build_objective()
+    out_dir = Path(config.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+
+    accelerator = Accelerator(
+        mixed_precision=config.optim.mixed_precision,
+        log_with=config.logging.trackers or None,
+        project_dir=str(out_dir),
+    )
+    world = accelerator.num_processes
+    if config.optim.deterministic:
+        torch.use_deterministic_algorithms(True)
+    set_seed(config.optim.seed)
+
+    # Resume checks come before anything heavy is loaded.
+    start_step, resume_from, resume_state = 0, None, None
+    if resume:
+        found = complete_checkpoints(ckpt_dir)
+        if found:
+            resume_from = found[-1]
+            resume_state = json.loads((resume_from / "state.json").read_text())
+            saved, now = resume_state["fingerprint"], config_fingerprint(config)
+            if saved != now and not config.checkpoint.allow_changed_config:
+                changed = sorted(k for k in now if saved.get(k) != now[k])
+                raise ValueError(
+                    f"refusing to resume {resume_from}: {changed} changed since it was written"
+                    f" (was {[saved.get(k) for k in changed]}, now {[now[k] for k in changed]});"
+                    " set checkpoint.allow_changed_config=true to resume anyway"
+                )
+            start_step = int(resume_state["step"])
+        elif accelerator.is_main_process:
+            print(f"[tether] --resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
+    elif complete_checkpoints(ckpt_dir):
+        raise ValueError(
+            f"{out_dir} already holds checkpoints; pass --resume to continue it or choose another output_dir"
+        )
+
+    tokenizer = load_tokenizer(config.model)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
+    dataset, report = load_preference_data(
+        config.data.train,
+        tokenizer,
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length,
+        on_bad_row=config.data.on_bad_row,
+        split=config.data.split,
+        progress=config.logging.progress and accelerator.is_main_process,
+    )
+    if accelerator.is_main_process:
+        print(report.format_table())
+        report.write_json(out_dir / "data_report.json")
+    if len(dataset) == 0:
+        raise ValueError(f"no usable preference pairs in {config.data.train} (see the data report above)")
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+
+    model = load_causal_lm(config.model.path, config.model)
+    disable_dropout(model)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora.enabled:
+        model = _apply_lora(model, config)
+    model.to(accelerator.device)
+    reference = _make_reference(config, model, dataset, collate, accelerator, objective)
+
+    global_batch = config.optim.batch_size * config.optim.grad_accum * world
+    steps_per_epoch = math.ceil(len(dataset) / global_batch)
+    total_steps = config.optim.max_steps or steps_per_epoch * config.optim.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.optim.lr,
+        betas=(config.optim.adam_beta1, config.optim.adam_beta2),
+        eps=config.optim.adam_eps,
+        weight_decay=config.optim.weight_decay,
+    )
+    scheduler = _scheduler(optimizer, config, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    head_owner = accelerator.unwrap_model(model)
+    request = stat_request(objective, entropy=config.logging.entropy)
+
+    skipped_steps = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        objective.load_state_dict(resume_state["objective"])
+        skipped_steps = int(resume_state.get("skipped_steps", 0))
+        if accelerator.is_main_process:
+            _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+            print(f"[tether] resumed from {resume_from} at step {start_step}")
+    if config.logging.trackers:
+        accelerator.init_trackers("tether", config=_flat(config.to_dict()))
+
+    history: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=f"train {objective.name}",
+        disable=not (config.logging.progress and accelerator.is_main_process),
+        unit="step",
+    )
+    model.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        epoch, pairs = step_pairs(len(dataset), global_batch, step, config.optim.seed, config.data.shuffle)
+        n_step = len(pairs)
+        b, r = config.optim.batch_size, accelerator.process_index
+        num_micro = math.ceil(n_step / (b * world))
+        sums: dict[str, torch.Tensor] = {}
+        local_pairs = torch.zeros((), device=accelerator.device)
+        step_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        bad_local = torch.zeros((), device=accelerator.device)
+        bad_rows: list[int] = []
+        tokens = 0
+        for j in range(num_micro):
+            indices = pairs[(j * world + r) * b : (j * world + r + 1) * b]
+            weight = 1.0
+            if not indices:  # this process has no pair left in the step: run one with weight 0
+                indices, weight = pairs[:1], 0.0
+            batch = collate([dataset[i] for i in indices]).to(accelerator.device)
+            sync = j == num_micro - 1
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
+            with ctx:
+                with accelerator.autocast():
+                    stats = compute_pair_stats(
+                        model, head_owner, reference, batch, indices, request, config.optim.chunk_size
+                    )
+                    out = objective(stats)
+                loss = out.losses.sum() * (weight * world / n_step)
+                if not torch.isfinite(out.losses).all():
+                    bad_local += 1
+                    bad_rows.extend(dataset[i].row_number for i in indices)
+                accelerator.backward(loss)
+            if weight:
+                k = float(len(indices))
+                local_pairs += k
+                tokens += batch.num_response_tokens()
+                for name, value in out.metrics.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() * k
+                if out.beta_steps is not None:
+                    step_sum += out.beta_steps.detach().double().sum()
+        # Every process agrees on a non-finite step: the flag is summed over processes.
+        bad = accelerator.reduce(bad_local, reduction="sum")
+        if config.optim.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(params, config.optim.max_grad_norm)
+        else:
+            grad_norm = _grad_norm(params)
+        # fp16's loss scaler skips overflowing steps itself; elsewhere a non-finite gradient is an error.
+        if config.optim.mixed_precision != "fp16" and not torch.isfinite(torch.as_tensor(grad_norm)).all():
+            bad = bad + 1
+        if float(bad) > 0:
+            if config.optim.on_nonfinite == "error":
+                raise NonFiniteError(
+                    f"non-finite loss or gradient at step {step + 1} (epoch {epoch}); rows on this process:"
+                    f" {bad_rows or 'none (another process or the gradient)'}; set optim.on_nonfinite=skip to"
+                    " skip such steps"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            skipped_steps += 1
+            if accelerator.is_main_process:
+                bar.write(
+                    f"[tether] step {step + 1}: non-finite loss/gradient, step skipped ({skipped_steps} so far)"
+                )
+        else:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if isinstance(objective, EpsilonDPO):
+                total = accelerator.reduce(step_sum, reduction="sum")
+                objective.update_base_beta(float(total) / n_step)
+
+        # Metrics: pair-weighted means over micro-batches and processes.
+        names = sorted(sums)
+        packed = torch.stack([sums[k] for k in names] + [local_pairs.float()]) if names else local_pairs[None]
+        packed = accelerator.reduce(packed, reduction="sum")
+        count = float(packed[-1])
+        record = {"step": step + 1, "epoch": epoch}
+        record.update({k: float(packed[i]) / max(count, 1.0) for i, k in enumerate(names)})
+        record["lr"] = scheduler.get_last_lr()[0]
+        record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+        record["pairs"] = int(count)
+        record["tokens"] = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
+        record["step_time_s"] = time.perf_counter() - t0
+        record["skipped_steps"] = skipped_steps
+        if isinstance(objective, EpsilonDPO):
+            record["beta/base_next"] = objective.beta
+        history.append(record)
+        if accelerator.is_main_process:
+            if (step + 1) % config.logging.every == 0 or step + 1 == total_steps:
+                with open(out_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if config.logging.trackers:
+                    accelerator.log(
+                        {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1
+                    )
+            bar.set_postfix(
+                loss=f"{record.get('loss', float('nan')):.4f}",
+                margin=f"{record.get('rewards/margins', 0.0):.3f}",
+            )
+            bar.update(1)
+        if config.checkpoint.every and (step + 1) % config.checkpoint.every == 0 and step + 1 < total_steps:
+            state = {
+                "step": step + 1,
+                "objective": objective.state_dict(),
+                "skipped_steps": skipped_steps,
+                "fingerprint": config_fingerprint(config),
+            }
+            _save_checkpoint(accelerator, ckpt_dir, step + 1, state, config.checkpoint.keep_last)
+    bar.close()
+
+    final = out_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_final(accelerator.unwrap_model(model), tokenizer, final, config, objective)
+    accelerator.wait_for_everyone()
+    if config.logging.trackers:
+        accelerator.end_training()
+    return TrainResult(out_dir, total_steps, final, history, skipped_steps)
+
+
+def _save_final(model, tokenizer, folder: Path, config: TrainConfig, objective) -> None:
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    if config.lora.enabled and config.lora.merge_on_save:
+        model = model.merge_and_unload()
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "tether_objective.json").write_text(
+        json.dumps({"name": objective.name, "hparams": objective.hparams(), "state": objective.state_dict()})
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+
+
+def _grad_norm(params) -> torch.Tensor:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (the run redoes those steps)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
