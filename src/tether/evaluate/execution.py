@@ -1,0 +1,428 @@
+"""Run untrusted Python (a model's completion plus its tests) in a separate, limited process.
+
+The evaluator never executes model code itself: every program runs in a fresh `python -I -B` child in its
+own session, in a fresh temporary working directory, with a wall-clock timeout enforced by the parent.
+
+What is enforced by the kernel (real), set in the child between fork and exec (`_Preexec`):
+- resource limits with soft = hard, so the code cannot raise them: RLIMIT_AS (address space), RLIMIT_CPU
+  (CPU seconds; SIGXCPU), RLIMIT_FSIZE (bytes per file written, stdout and stderr included; SIGXFSZ),
+  RLIMIT_NOFILE (open descriptors), RLIMIT_CORE = 0, RLIMIT_NPROC (processes and threads of the user);
+- no network: a new, empty network namespace (`unshare(CLONE_NEWNET)`; only a loopback that is down), when
+  the kernel allows it (root, or unprivileged user namespaces); `sandbox_report()` says whether it took;
+- when the evaluator runs as root: the child drops to an unprivileged user (`nobody` by default) before exec.
+  Only then is RLIMIT_NPROC enforced (Linux never applies it to uid 0) and do file permissions stop writes
+  outside the working directory. If the interpreter is not readable by that user (e.g. it lives under
+  /root), a system python of the same major.minor version is used instead; if there is none, the child stays
+  root and `sandbox_report()` says that NPROC and file permissions do not protect;
+- no_new_privs (setuid binaries gain nothing) and a parent-death signal (the child dies with the evaluator);
+- the wall-clock timeout kills the whole process group (SIGKILL), and so does the end of every run.
+
+What is best-effort (Python-level, `guard=True`; bypassable by determined code, as HumanEval's own
+`reliability_guard` warns): socket creation raises PermissionError; `os.fork`, `os.system`, `os.kill`,
+`subprocess.Popen`, file deletion/renaming/chmod/chown and `shutil.rmtree` raise PermissionError; `open` and
+`os.open` refuse to write outside the working directory. The environment is rebuilt from scratch (no proxy
+variables, no credentials), HOME and TMPDIR point at the working directory.
+
+Not protected: reading files the sandbox user may read; processes that call setsid() escape the group kill
+(they still die from RLIMIT_CPU unless they sleep); concurrent sandboxes share the sandbox user's NPROC
+budget, so a fork bomb in one can make a concurrent one fail to start. This is not a security boundary for
+hostile code; use a VM or container sandbox for that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import json
+import math
+import os
+import pwd
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+PROGRAM_FILE = "program.py"
+
+Status = Literal["passed", "failed", "timeout"]
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Limits and isolation for one program run; see the module docstring for what each one protects."""
+
+    timeout_s: float = 10.0  # wall-clock limit, seconds; the whole process group is killed after it
+    memory_bytes: int = 2 << 30  # RLIMIT_AS, bytes of address space
+    cpu_time_s: int | None = None  # RLIMIT_CPU, CPU seconds; None: ceil(timeout_s) + 1
+    max_processes: int = 32  # RLIMIT_NPROC, processes + threads of the sandbox user (not enforced for root)
+    max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE, bytes per written file (stdout/stderr included)
+    max_open_files: int = 256  # RLIMIT_NOFILE
+    user: str | None = "auto"  # drop to this user when root; "auto": "nobody" if root; None: never drop
+    python: str | None = None  # interpreter; None: sys.executable (or a same-version system python)
+    isolate_network: bool = True  # new empty network namespace when the kernel allows it
+    guard: bool = True  # best-effort Python-level guard in the child (sockets, fork, deletes, writes)
+    work_root: str | None = None  # parent folder of the temporary working folders; None: the system tmp
+    output_chars: int = 4000  # characters kept from the end of stdout and of stderr
+
+    def cpu_limit(self) -> int:
+        return self.cpu_time_s if self.cpu_time_s is not None else math.ceil(self.timeout_s) + 1
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """Outcome of one program: status passed (exit 0), failed (anything else) or timeout, and why."""
+
+    status: Status
+    reason: str
+    returncode: int | None = None
+    duration_s: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@dataclass(frozen=True)
+class _Identity:
+    uid: int | None  # None: keep the evaluator's user
+    gid: int | None
+    python: str
+    note: str = ""
+
+
+@dataclass
+class _Preexec:
+    """Runs in the forked child before exec: only syscalls on values prepared in the parent."""
+
+    limits: list[tuple[int, int]]
+    uid: int | None
+    gid: int | None
+    isolate_network: bool
+    libc: ctypes.CDLL | None = field(default=None)
+
+    def __call__(self) -> None:
+        if self.libc is not None and self.isolate_network:
+            # Root may create a network namespace directly; others need a user namespace around it.
+            if self.libc.unshare(CLONE_NEWNET) != 0 and self.uid is None:
+                self.libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)
+        for which, value in self.limits:
+            resource.setrlimit(which, (value, value))
+        if self.uid is not None and self.gid is not None:
+            os.setgroups([])
+            os.setgid(self.gid)
+            os.setuid(self.uid)
+        if self.libc is not None:
+            self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+            self.libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+# The child's entry point: read the program, install the guard, run it as __main__.
+_BOOTSTRAP = r"""
+import sys
+def _guard():
+    import builtins, io, os, shutil, socket, subprocess, _socket
+    root = os.path.realpath(os.getcwd())
+    def _denied(*args, **kwargs):
+        raise PermissionError("disabled in the tether sandbox")
+    for mod, names in (
+        (socket, ("socket", "create_connection", "create_server", "socketpair", "fromfd")),
+        (_socket, ("socket", "socketpair")),
+        (os, ("kill", "killpg", "system", "fork", "forkpty", "posix_spawn", "posix_spawnp", "putenv",
+              "remove", "removedirs", "rmdir", "unlink", "rename", "renames", "replace", "truncate",
+              "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "setuid", "setgid")),
+        (shutil, ("rmtree", "move", "chown")),
+        (subprocess, ("Popen",)),
+    ):
+        for name in names:
+            if hasattr(mod, name):
+                setattr(mod, name, _denied)
+    def _inside(path):
+        if isinstance(path, int):
+            return True
+        real = os.path.realpath(os.fsdecode(os.fspath(path)))
+        return real == root or real.startswith(root + os.sep) or real == os.devnull
+    _open, _os_open = builtins.open, os.open
+    def _guarded_open(file, mode="r", *args, **kwargs):
+        if any(ch in mode for ch in "wax+") and not _inside(file):
+            raise PermissionError(f"writing outside the sandbox folder is refused: {file!r}")
+        return _open(file, mode, *args, **kwargs)
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    def _guarded_os_open(path, flags, *args, **kwargs):
+        if flags & write_flags and not _inside(path):
+            raise PermissionError(f"writing outside the sandbox folder is refused: {path!r}")
+        return _os_open(path, flags, *args, **kwargs)
+    builtins.open = io.open = _guarded_open
+    os.open = _guarded_os_open
+with open(sys.argv[1], encoding="utf-8") as f:
+    _source = f.read()
+if sys.argv[2] == "1":
+    _guard()
+del _guard
+exec(compile(_source, sys.argv[1], "exec"), {"__name__": "__main__", "__file__": sys.argv[1]})
+"""
+
+_SIGNAL_REASONS = {
+    signal.SIGXCPU: "CPU time limit exceeded (RLIMIT_CPU)",
+    signal.SIGXFSZ: "file size limit exceeded (RLIMIT_FSIZE)",
+    signal.SIGKILL: "killed (SIGKILL)",
+    signal.SIGSEGV: "segmentation fault",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def _child_env(workdir: str) -> dict[str, str]:
+    """A fresh environment: no proxies, tokens or PYTHON* variables from the evaluator."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _probe_python(python: str, uid: int | None, gid: int | None) -> tuple[int, int] | None:
+    """(major, minor) of `python` when the given user can run it, else None."""
+    pre = _Preexec(limits=[], uid=uid, gid=gid, isolate_network=False, libc=None)
+    try:
+        out = subprocess.run(
+            [python, "-I", "-c", "import sys; print(sys.version_info[0], sys.version_info[1])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            preexec_fn=pre,
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    major, minor = out.stdout.split()
+    return int(major), int(minor)
+
+
+@functools.lru_cache(maxsize=16)
+def _identity(user: str | None, python: str | None) -> _Identity:
+    """Which user and interpreter the sandbox runs; cached per (user, python)."""
+    is_root = os.geteuid() == 0
+    if user == "auto":
+        user = "nobody" if is_root else None
+    if user is None:
+        return _Identity(None, None, python or sys.executable)
+    if not is_root:
+        raise ValueError(f"sandbox user {user!r} needs the evaluator to run as root; use user=None")
+    entry = pwd.getpwnam(user)
+    uid, gid = entry.pw_uid, entry.pw_gid
+    want = (sys.version_info[0], sys.version_info[1])
+    candidates = [python] if python else [sys.executable]
+    if not python:
+        for name in (f"python{want[0]}.{want[1]}", "python3"):
+            found = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+            if found:
+                candidates.append(found)
+    for i, cand in enumerate(dict.fromkeys(candidates)):
+        version = _probe_python(cand, uid, gid)
+        if version is not None and (python or version == want):
+            note = "" if i == 0 else f"{sys.executable} is not runnable by {user}; using {cand}"
+            return _Identity(uid, gid, cand, note)
+    return _Identity(
+        None,
+        None,
+        python or sys.executable,
+        f"no python {want[0]}.{want[1]} runnable by {user}: the sandbox runs as root, so RLIMIT_NPROC and "
+        "file permissions do not protect",
+    )
+
+
+def _rmtree_force(path: str) -> None:
+    def onerror(func: Callable, p: str, _exc: object) -> None:
+        try:
+            os.chmod(os.path.dirname(p), stat.S_IRWXU)
+            os.chmod(p, stat.S_IRWXU)
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+def _tail(path: str, chars: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 4 * chars))
+        return f.read().decode("utf-8", errors="replace")[-chars:]
+
+
+def _failure_reason(returncode: int, stderr: str) -> str:
+    if returncode < 0:
+        sig = -returncode
+        try:
+            return _SIGNAL_REASONS.get(signal.Signals(sig), f"killed by signal {signal.Signals(sig).name}")
+        except ValueError:
+            return f"killed by signal {sig}"
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"exit code {returncode}"
+
+
+def run_program(program: str, config: SandboxConfig | None = None) -> ExecutionResult:
+    """Run Python source `program` as __main__ in a sandboxed child process.
+
+    Args:
+        program: the full source (e.g. prompt + completion + tests + `check(entry_point)`).
+        config: limits and isolation; defaults to `SandboxConfig()`.
+
+    Returns:
+        passed when the program exits with status 0; timeout when it outlives `timeout_s` (wall clock);
+        failed otherwise, with the last line of stderr or the signal as the reason.
+    """
+    cfg = config or SandboxConfig()
+    ident = _identity(cfg.user, cfg.python)
+    workdir = tempfile.mkdtemp(prefix="tether-sandbox-", dir=cfg.work_root)
+    logdir = tempfile.mkdtemp(prefix="tether-sandbox-log-")
+    try:
+        program_path = os.path.join(workdir, PROGRAM_FILE)
+        with open(program_path, "w", encoding="utf-8") as f:
+            f.write(program)
+        if ident.uid is not None:
+            os.chown(workdir, ident.uid, ident.gid)
+            os.chown(program_path, ident.uid, ident.gid)
+        limits = [
+            (resource.RLIMIT_AS, cfg.memory_bytes),
+            (resource.RLIMIT_CPU, cfg.cpu_limit()),
+            (resource.RLIMIT_FSIZE, cfg.max_file_bytes),
+            (resource.RLIMIT_NOFILE, cfg.max_open_files),
+            (resource.RLIMIT_CORE, 0),
+            (resource.RLIMIT_NPROC, cfg.max_processes),
+        ]
+        preexec = _Preexec(limits, ident.uid, ident.gid, cfg.isolate_network, _libc())
+        cmd = [
+            ident.python,
+            "-I",
+            "-B",
+            "-X",
+            "utf8",
+            "-c",
+            _BOOTSTRAP,
+            PROGRAM_FILE,
+            "1" if cfg.guard else "0",
+        ]
+        out_path, err_path = os.path.join(logdir, "stdout"), os.path.join(logdir, "stderr")
+        start = time.monotonic()
+        with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=workdir,
+                    env=_child_env(workdir),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_f,
+                    stderr=err_f,
+                    preexec_fn=preexec,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                return ExecutionResult("failed", f"sandbox could not start: {exc}")
+            timed_out = False
+            try:
+                proc.wait(timeout=cfg.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
+        duration = time.monotonic() - start
+        returncode = proc.returncode
+        stdout, stderr = _tail(out_path, cfg.output_chars), _tail(err_path, cfg.output_chars)
+        if timed_out:
+            return ExecutionResult(
+                "timeout", f"timed out after {cfg.timeout_s:g} s (wall clock)", None, duration, stdout, stderr
+            )
+        if returncode == 0:
+            return ExecutionResult("passed", "", 0, duration, stdout, stderr)
+        return ExecutionResult(
+            "failed", _failure_reason(returncode, stderr), returncode, duration, stdout, stderr
+        )
+    finally:
+        _rmtree_force(workdir)
+        _rmtree_force(logdir)
+
+
+def run_programs(
+    programs: Sequence[str], config: SandboxConfig | None = None, max_workers: int = 4
+) -> list[ExecutionResult]:
+    """Run many programs, at most `max_workers` sandboxes at a time; results in input order.
+
+    The pool's threads only start children and wait on them; each program still runs in its own process.
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    if max_workers == 1 or len(programs) <= 1:
+        return [run_program(p, config) for p in programs]
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        return list(pool.map(lambda p: run_program(p, config), programs))
+
+
+_PROBE = """
+import json, os
+print(json.dumps({"uid": os.getuid(), "netns": os.readlink("/proc/self/ns/net")}))
+"""
+
+
+def sandbox_report(config: SandboxConfig | None = None) -> dict[str, object]:
+    """Which protections are real on this machine for `config`, found by running a probe program.
+
+    Returns:
+        {"python", "user_id", "nproc_enforced", "file_permissions", "network_namespace", "note"}:
+        nproc_enforced: the child's real user is not root (Linux exempts uid 0 from RLIMIT_NPROC);
+        file_permissions: the child runs as a different, unprivileged user than the evaluator, so the
+        evaluator's files are protected by the kernel; network_namespace: the child's network namespace
+        differs from the evaluator's.
+    """
+    cfg = config or SandboxConfig()
+    ident = _identity(cfg.user, cfg.python)
+    result = run_program(_PROBE, cfg)
+    if not result.passed:
+        raise RuntimeError(f"sandbox probe failed: {result.reason}\n{result.stderr}")
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    dropped = ident.uid is not None and probe["uid"] == ident.uid
+    return {
+        "python": ident.python,
+        "user_id": ident.uid if dropped else os.geteuid(),
+        "nproc_enforced": dropped or os.geteuid() != 0,
+        "file_permissions": dropped,
+        "network_namespace": probe["netns"] != os.readlink("/proc/self/ns/net"),
+        "note": ident.note,
+    }

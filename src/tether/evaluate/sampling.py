@@ -1,0 +1,320 @@
+"""Sample completions from a local Hugging Face causal LM over a temperature grid, with a JSONL cache.
+
+Prompts are formatted with the tokenizer's chat template (one user turn, add_generation_prompt=True) when
+the tokenizer has one and `use_chat_template` is on, else used raw (tokenized with the tokenizer's special
+tokens). Each prompt is repeated n times and the flat list is generated in batches of `batch_size` rows,
+left-padded. temperature 0 means greedy decoding, done once per prompt and repeated n times.
+
+Sampling draws from the temperature-scaled distribution with nucleus `top_p` only: top-k, repetition
+penalty, min-p and typical-p from the model's own generation_config are switched off, so that pass@k and
+diversity measure the model and not a decoding default.
+
+Seeds: batch b is generated under `torch.manual_seed(seed + 1_000_003 * b)` inside `torch.random.fork_rng`,
+so results are reproducible for a fixed batch size and the caller's RNG state is left untouched.
+
+Cache: with `cache_dir`, a run is stored as `samples-<key>.jsonl`, the key a SHA-256 over (model id and,
+for a local folder, the names, sizes and mtimes of its weight files; temperature; top_p; n;
+max_new_tokens; seed; batch size; the formatted prompts). A run whose file exists is read back, not
+regenerated. The file's first line is a header {"key", "meta"}; then one line per prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class SampleSet:
+    """Samples of one model at one temperature.
+
+    prompts, formatted, prompt_ids: (P,) raw prompt, text fed to the model, its token ids.
+    completions: (P, n) decoded text without special tokens.
+    completion_ids: (P, n, L_i) generated ids up to and including the first EOS (no padding).
+    """
+
+    prompts: list[str]
+    formatted: list[str]
+    prompt_ids: list[list[int]]
+    completions: list[list[str]]
+    completion_ids: list[list[list[int]]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    from_cache: bool = False
+
+
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, use_chat_template: bool = True) -> bool:
+    return bool(use_chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def format_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], use_chat_template: bool = True
+) -> list[str]:
+    """The text given to the model for each prompt: chat-templated user turn or the raw prompt."""
+    if not uses_chat_template(tokenizer, use_chat_template):
+        return list(prompts)
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, formatted: Sequence[str], templated: bool
+) -> list[list[int]]:
+    """Token ids of formatted prompts; a chat template already holds its special tokens."""
+    return [list(tokenizer(text, add_special_tokens=not templated)["input_ids"]) for text in formatted]
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The pad id, else the EOS id, else 0 (padding is masked out, its value never matters)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to the longest sequence: (input_ids (B, T) long, attention_mask (B, T) long)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for tid in [gen_eos, tokenizer.eos_token_id]:
+        if isinstance(tid, int):
+            ids.add(tid)
+        elif isinstance(tid, (list, tuple)):
+            ids.update(int(t) for t in tid)
+    return ids
+
+
+def _weights_fingerprint(path: str) -> list[tuple[str, int, int]]:
+    if not os.path.isdir(path):
+        return []
+    out = []
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin", ".pt")):
+            st = os.stat(os.path.join(path, name))
+            out.append((name, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def cache_key(
+    model_id: str,
+    formatted_prompts: Sequence[str],
+    temperature: float,
+    top_p: float,
+    n: int,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int,
+) -> str:
+    """SHA-256 hex key of everything that determines a run's samples (see the module docstring)."""
+    prompts_hash = hashlib.sha256(json.dumps(list(formatted_prompts)).encode()).hexdigest()
+    payload = {
+        "format": CACHE_FORMAT,
+        "model": model_id,
+        "weights": _weights_fingerprint(model_id),
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "n": int(n),
+        "max_new_tokens": int(max_new_tokens),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "prompts": prompts_hash,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_path(cache_dir: str, key: str) -> str:
+    return os.path.join(cache_dir, f"samples-{key[:24]}.jsonl")
+
+
+def _read_cache(path: str, key: str, num_prompts: int) -> SampleSet | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines or lines[0].get("key") != key or len(lines) != num_prompts + 1:
+        return None
+    rows = lines[1:]
+    return SampleSet(
+        prompts=[r["prompt"] for r in rows],
+        formatted=[r["formatted"] for r in rows],
+        prompt_ids=[r["prompt_ids"] for r in rows],
+        completions=[r["completions"] for r in rows],
+        completion_ids=[r["completion_ids"] for r in rows],
+        meta=lines[0]["meta"],
+        from_cache=True,
+    )
+
+
+def _write_cache(path: str, key: str, samples: SampleSet) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"key": key, "meta": samples.meta}) + "\n")
+        for i in range(len(samples.prompts)):
+            row = {
+                "prompt": samples.prompts[i],
+                "formatted": samples.formatted[i],
+                "prompt_ids": samples.prompt_ids[i],
+                "completions": samples.completions[i],
+                "completion_ids": samples.completion_ids[i],
+            }
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def _generation_config(
+    temperature: float, top_p: float, max_new_tokens: int, pad_id: int, eos: set[int]
+) -> GenerationConfig:
+    greedy = temperature == 0
+    return GenerationConfig(
+        do_sample=not greedy,
+        temperature=1.0 if greedy else float(temperature),
+        top_p=1.0 if greedy else float(top_p),
+        top_k=0,
+        min_p=None,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        max_new_tokens=int(max_new_tokens),
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos) if eos else None,
+    )
+
+
+def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
+    for j, t in enumerate(ids):
+        if t in eos:
+            return ids[: j + 1]
+    return ids
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    n: int = 1,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    batch_size: int = 8,
+    use_chat_template: bool = True,
+    cache_dir: str | None = None,
+    model_id: str | None = None,
+    progress: bool = True,
+) -> SampleSet:
+    """n completions per prompt at one temperature (0 = greedy), read from the cache when present.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer; the model's device is used.
+        prompts: (P,) raw prompts.
+        temperature: >= 0; top_p: in (0, 1]; n: samples per prompt; max_new_tokens: per sample.
+        seed: base seed; batch_size: rows (prompt copies) per `generate` call.
+        cache_dir: folder of JSONL caches, None for no cache; model_id: the cache's model identity
+            (defaults to the model's `name_or_path`, which must then be non-empty).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if n < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"n, batch_size and max_new_tokens must be >= 1, got {n}, {batch_size}, {max_new_tokens}"
+        )
+    templated = uses_chat_template(tokenizer, use_chat_template)
+    formatted = format_prompts(tokenizer, prompts, use_chat_template)
+    meta = {
+        "model": model_id or getattr(model, "name_or_path", "") or "",
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "n": n,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "batch_size": batch_size,
+        "chat_template": templated,
+    }
+    key = path = None
+    if cache_dir is not None:
+        if not meta["model"]:
+            raise ValueError("sample: caching needs a model_id (the model has no name_or_path)")
+        key = cache_key(meta["model"], formatted, temperature, top_p, n, max_new_tokens, seed, batch_size)
+        path = _cache_path(cache_dir, key)
+        cached = _read_cache(path, key, len(prompts))
+        if cached is not None:
+            return cached
+
+    prompt_ids = encode_prompts(tokenizer, formatted, templated)
+    pad_id, eos = pad_token_id(tokenizer), _eos_ids(model, tokenizer)
+    gen_config = _generation_config(temperature, top_p, max_new_tokens, pad_id, eos)
+    copies = 1 if temperature == 0 else n
+    flat = [(i, s) for i in range(len(prompts)) for s in range(copies)]
+    outputs: list[list[list[int]]] = [[] for _ in prompts]
+    device = next(model.parameters()).device
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    was_training = model.training
+    model.eval()
+    batches = range(0, len(flat), batch_size)
+    try:
+        for b, start in enumerate(tqdm(batches, desc=f"sampling T={temperature:g}", disable=not progress)):
+            rows = flat[start : start + batch_size]
+            input_ids, attention_mask = left_pad([prompt_ids[i] for i, _ in rows], pad_id)
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(seed + 1_000_003 * b)
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=gen_config,
+                )
+            new = out[:, input_ids.shape[1] :].tolist()
+            for (i, _), ids in zip(rows, new):
+                outputs[i].append(_cut_at_eos(ids, eos))
+    finally:
+        model.train(was_training)
+    if temperature == 0:
+        outputs = [o * n for o in outputs]
+    completions = [
+        [tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True) for ids in per_prompt]
+        for per_prompt in outputs
+    ]
+    result = SampleSet(list(prompts), formatted, prompt_ids, completions, outputs, meta)
+    if path is not None and key is not None:
+        _write_cache(path, key, result)
+    return result
+
+
+def sample_grid(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    temperatures: Sequence[float],
+    **kwargs: Any,
+) -> dict[float, SampleSet]:
+    """`sample` at every temperature of the grid; keyword arguments as for `sample`."""
+    return {float(t): sample(model, tokenizer, prompts, temperature=float(t), **kwargs) for t in temperatures}
