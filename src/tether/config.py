@@ -171,12 +171,51 @@ class TrainConfig:
             raise ConfigError(f"optim.lr must be a finite number >= 0, got {self.optim.lr!r}")
         if self.optim.max_grad_norm is not None and not self.optim.max_grad_norm > 0:
             raise ConfigError(f"optim.max_grad_norm must be > 0 or null, got {self.optim.max_grad_norm!r}")
-        if self.optim.warmup_steps < 0 or self.checkpoint.every < 0:
-            raise ConfigError("optim.warmup_steps and checkpoint.every must be >= 0")
+        for name, value in (
+            ("optim.adam_beta1", self.optim.adam_beta1),
+            ("optim.adam_beta2", self.optim.adam_beta2),
+        ):
+            if not 0 <= value < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+        if not (math.isfinite(self.optim.adam_eps) and self.optim.adam_eps > 0):
+            raise ConfigError(f"optim.adam_eps must be a finite number > 0, got {self.optim.adam_eps!r}")
+        if not (math.isfinite(self.optim.weight_decay) and self.optim.weight_decay >= 0):
+            raise ConfigError(
+                f"optim.weight_decay must be a finite number >= 0, got {self.optim.weight_decay!r}"
+            )
+        for name, value in (
+            ("optim.warmup_steps", self.optim.warmup_steps),
+            ("checkpoint.every", self.checkpoint.every),
+        ):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
         if self.data.max_length is not None:
             _positive("data.max_length", self.data.max_length)
         if self.data.max_prompt_length is not None:
             _positive("data.max_prompt_length", self.data.max_prompt_length)
+        if (
+            self.data.max_length is not None
+            and self.data.max_prompt_length is not None
+            and self.data.max_prompt_length >= self.data.max_length
+        ):
+            raise ConfigError(
+                f"data.max_prompt_length ({self.data.max_prompt_length}) must be below data.max_length"
+                f" ({self.data.max_length}) to leave room for the response"
+            )
+        if self.lora.enabled:
+            if not (math.isfinite(self.lora.alpha) and self.lora.alpha > 0):
+                raise ConfigError(f"lora.alpha must be a finite number > 0, got {self.lora.alpha!r}")
+            if not 0 <= self.lora.dropout < 1:
+                raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout!r}")
+            if not self.lora.target_modules:
+                raise ConfigError(
+                    "lora.target_modules is empty: name the modules to adapt, e.g. [q_proj, v_proj]"
+                )
+            if "lm_head" in self.lora.target_modules:
+                raise ConfigError(
+                    "lora.target_modules must not contain lm_head: tether's chunked head reads the output"
+                    " embedding directly (adapt the attention / MLP projections instead)"
+                )
         self.build_objective()
         mode = self.reference_mode()
         if mode == "adapter" and not self.lora.enabled:
@@ -202,7 +241,10 @@ class TrainConfig:
         try:
             return build_objective(self.objective.name, **self.objective.hparams())
         except ObjectiveConfigError as exc:
-            raise ConfigError(f"objective: {exc}") from exc
+            # Name every objective field that was set: the one at fault is among them.
+            given = {"name": self.objective.name, **self.objective.hparams()}
+            fields = ", ".join(f"objective.{k}={v!r}" for k, v in given.items())
+            raise ConfigError(f"{fields}: {exc}") from exc
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -265,6 +307,8 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return [_convert(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
+        if value is None:  # a YAML section whose fields are all commented out
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping of fields, got {value!r}")
         return _from_dict(tp, value, name)
@@ -353,17 +397,26 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def config_fingerprint(config: TrainConfig) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues (unless checkpoint.allow_changed_config)."""
-    return json.loads(
-        json.dumps(
-            {
-                "objective": config.objective.name,
-                "hparams": config.objective.hparams(),
-                "seed": config.optim.seed,
-                "data": config.data.train,
-                "batch_size": config.optim.batch_size,
-                "grad_accum": config.optim.grad_accum,
-            }
-        )
+def config_fingerprint(config: TrainConfig, processes: int = 1) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (unless checkpoint.allow_changed_config),
+    keyed by config field name so that a refusal can say which field changed.
+
+    The data order depends on the global batch only (batch 4 x 1 process == 2 x 2 processes), so that is
+    what is compared, not its factors.
+    """
+    fields = {"objective.name": config.objective.name}
+    fields.update({f"objective.{k}": v for k, v in config.objective.hparams().items()})
+    fields.update(
+        {
+            "optim.seed": config.optim.seed,
+            "global batch (optim.batch_size x optim.grad_accum x processes)": config.optim.batch_size
+            * config.optim.grad_accum
+            * processes,
+            "data.train": config.data.train,
+            "data.shuffle": config.data.shuffle,
+            "data.max_length": config.data.max_length,
+            "data.max_prompt_length": config.data.max_prompt_length,
+            "lora.enabled": config.lora.enabled,
+        }
     )
+    return json.loads(json.dumps(fields))

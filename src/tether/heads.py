@@ -22,6 +22,7 @@ small differences the objectives are made of); float64 inputs stay float64 (for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,11 +72,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(n, H) x (V, H) -> (n, V) logits in at least float32."""
-    z = hidden @ weight.t()
+    """(n, H) x (V, H) -> (n, V) logits in at least float32 (the matmul runs in the hidden states' dtype)."""
+    z = hidden @ weight.to(hidden.dtype).t()
+    z = z.to(_compute_dtype(z.dtype))
     if bias is not None:
-        z = z + bias
-    return z.to(_compute_dtype(z.dtype))
+        z = z + bias.to(z.dtype)
+    return z
 
 
 def _gather(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -125,77 +127,180 @@ def token_stats_from_logits(
     return stats
 
 
+def _logits_into(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """`_logits` written into a preallocated (n, V) buffer: no new (n, V) allocation per chunk."""
+    if out.dtype == hidden.dtype:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        out.copy_(hidden @ weight.t())
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def _logsumexp_(z: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise logsumexp of z (n, V); leaves exp(z - max) in `work` (same shape).
+
+    Returns lse (n,), max (n, 1) and s = sum exp(z - max) (n, 1), so that softmax(z) = work / s.
+    """
+    m = z.amax(-1, keepdim=True)
+    torch.sub(z, m, out=work).exp_()
+    s = work.sum(-1, keepdim=True)
+    return (m + s.log()).squeeze(-1), m, s
+
+
+def _chunk_forward(
+    z: torch.Tensor,
+    z_ref: torch.Tensor | None,
+    ref_logits: Callable[[torch.Tensor], torch.Tensor],
+    work: torch.Tensor,
+    scratch: torch.Tensor | None,
+    targets: torch.Tensor,
+    request: StatRequest,
+) -> dict[str, torch.Tensor]:
+    """The statistics of `_chunk_statistics` for one chunk, from reductions instead of (n, V) log-softmaxes.
+
+    z: the chunk's policy logits (n, V); z_ref: a buffer for the reference logits, filled by ref_logits(z_ref)
+    (None without a reference; it may be z itself when the policy logits are no longer needed); work, scratch:
+    (n, V) buffers. All are overwritten. With lse = logsumexp(z) and p = softmax(z):
+        logp_t = z_t - lse;   entropy = lse - sum_v p_v z_v;
+        KL(ref || pi) = sum_v p_ref,v (z_ref,v - z_v) + lse - lse_ref   (sum_v p_ref,v = 1).
+    Returns (n,) tensors keyed like `TokenStats`, plus "lse" and "lse_ref".
+    """
+    t = targets.unsqueeze(-1)
+    out: dict[str, torch.Tensor] = {}
+    lse, m, s = _logsumexp_(z, work)
+    out["lse"] = lse
+    out["logps"] = z.gather(-1, t).squeeze(-1) - lse
+    keep_z = request.needs_reference_logits
+    if request.entropy:
+        # entropy = log s - sum_v (work_v / s) (z_v - max): shifted, so no large terms cancel.
+        shifted = torch.sub(z, m, out=scratch) if keep_z else z.sub_(m)
+        out["entropy"] = s.squeeze(-1).log() - shifted.mul_(work).sum(-1) / s.squeeze(-1)
+    if z_ref is None:
+        return out
+    ref_logits(z_ref)
+    lse_ref, _, s_ref = _logsumexp_(z_ref, work)  # work = p_ref * s_ref
+    out["lse_ref"] = lse_ref
+    out["ref_logps"] = z_ref.gather(-1, t).squeeze(-1) - lse_ref
+    if request.kl:
+        weighted = torch.sub(z_ref, z, out=scratch).mul_(work).sum(-1)
+        out["kl"] = weighted / s_ref.squeeze(-1) + (lse - lse_ref)
+    if request.epsilon is not None:
+        e = request.epsilon
+        for name, a, b in (("relaxed_logps", 1 + e, -e), ("tightened_logps", 1 - e, e)):
+            mixed = torch.mul(z, a, out=scratch).add_(z_ref, alpha=b)  # a z + b z_ref
+            lse_mixed, _, _ = _logsumexp_(mixed, work)
+            out[name] = mixed.gather(-1, t).squeeze(-1) - lse_mixed
+    return out
+
+
 class _ChunkedHead(torch.autograd.Function):
-    """Forward: statistics chunk by chunk. Backward: recompute each chunk's logits, apply the closed forms."""
+    """Forward: statistics chunk by chunk. Backward: recompute each chunk's logits, apply the closed forms.
+
+    Memory: the (n, V) buffers are allocated once per call and reused by every chunk. Sequence statistics
+    (logps, ref_logps, entropy) need two buffers of chunk_size rows in forward and one in backward; statistics
+    of the reference distribution (kl, epsilon) need four in forward, so their forward chunks are half as long
+    (the same memory), and two in backward.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, request, chunk_size):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         dtype = _compute_dtype(hidden.dtype)
+        device = hidden.device
         has_ref = ref_hidden is not None
-        out = {
-            "logps": torch.empty(n, dtype=dtype, device=hidden.device),
-            "ref_logps": torch.empty(n, dtype=dtype, device=hidden.device) if has_ref else None,
-            "kl": torch.empty(n, dtype=dtype, device=hidden.device) if request.kl else None,
-            "relaxed_logps": None,
-            "tightened_logps": None,
-            "entropy": torch.empty(n, dtype=dtype, device=hidden.device) if request.entropy else None,
-        }
-        if request.epsilon is not None:
-            out["relaxed_logps"] = torch.empty(n, dtype=dtype, device=hidden.device)
-            out["tightened_logps"] = torch.empty(n, dtype=dtype, device=hidden.device)
-        lse = torch.empty(n, dtype=dtype, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            sl = slice(start, min(start + chunk_size, n))
-            z = _logits(hidden[sl], weight, bias)
-            z_ref = _logits(ref_hidden[sl], ref_weight, ref_bias) if has_ref else None
-            chunk = _chunk_statistics(z, z_ref, targets[sl], request)
-            lse[sl] = torch.logsumexp(z, dim=-1)
-            for name, buf in out.items():
-                if buf is not None:
-                    buf[sl] = getattr(chunk, name)
-            del z, z_ref, chunk
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse)
+        joint = request.needs_reference_logits  # policy and reference logits of a chunk held at once
+        step = max(1, chunk_size // 2) if joint else chunk_size
+        rows = min(step, n)
+        weight_c = weight.to(hidden.dtype)
+        ref_weight_c = ref_weight.to(hidden.dtype) if has_ref else None
+        buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(4 if joint else 2)]
+        names = ("logps", "ref_logps", "kl", "relaxed_logps", "tightened_logps", "entropy")
+        present = (True, has_ref, request.kl, request.epsilon is not None, request.epsilon is not None)
+        present = (*present, request.entropy)
+        out = {k: torch.empty(n, dtype=dtype, device=device) if p else None for k, p in zip(names, present)}
+        lse = torch.empty(n, dtype=dtype, device=device)
+        lse_ref = torch.empty(n if has_ref else 0, dtype=dtype, device=device)
+        for start in range(0, n, step):
+            sl = slice(start, min(start + step, n))
+            k = sl.stop - start
+            z, work = buffers[0][:k], buffers[1][:k]
+            scratch = buffers[3][:k] if joint else None
+            z_ref = (buffers[2][:k] if joint else z) if has_ref else None
+            _logits_into(hidden[sl], weight_c, bias, z)
+            chunk = _chunk_forward(
+                z,
+                z_ref,
+                lambda buf, sl=sl: _logits_into(ref_hidden[sl], ref_weight_c, ref_bias, buf),
+                work,
+                scratch,
+                targets[sl],
+                request,
+            )
+            lse[sl] = chunk.pop("lse")
+            if has_ref:
+                lse_ref[sl] = chunk.pop("lse_ref")
+            for name, value in chunk.items():
+                out[name][sl] = value
+        del buffers
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse, lse_ref)
         ctx.request = request
         ctx.chunk_size = chunk_size
         # Outputs must be tensors: absent statistics come back as empty tensors and are mapped to None.
-        results = [out[k] if out[k] is not None else hidden.new_empty(0, dtype=dtype) for k in out]
+        results = [out[k] if out[k] is not None else hidden.new_empty(0, dtype=dtype) for k in names]
         ctx.mark_non_differentiable(*[r for i, r in enumerate(results) if i not in (0, 2)])
         return tuple(results)
 
     @staticmethod
     def backward(ctx, grad_logps, _g_ref, grad_kl, _g_rel, _g_tight, _g_ent):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse = ctx.saved_tensors
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _ChunkedHead._backward(ctx, grad_logps, grad_kl)
+
+    @staticmethod
+    def _backward(ctx, grad_logps, grad_kl):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse, lse_ref = ctx.saved_tensors
         request, chunk_size = ctx.request, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         use_kl = request.kl and grad_kl is not None and grad_kl.numel() > 0
         low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
-        acc_dtype = torch.float32 if low_precision else hidden.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
+        acc_dtype = torch.float32 if low_precision else weight.dtype
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows = min(chunk_size, n)
+        weight_c = weight.to(hidden.dtype)
+        ref_weight_c = ref_weight.to(hidden.dtype) if use_kl else None
+        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
         if grad_logps is None:
             grad_logps = torch.zeros_like(lse)
-        for start in range(0, hidden.shape[0], chunk_size):
-            sl = slice(start, min(start + chunk_size, hidden.shape[0]))
-            z = _logits(hidden[sl], weight, bias)
-            p = torch.exp(z - lse[sl].unsqueeze(-1))
+        buffer = torch.empty(rows, vocab, dtype=lse.dtype, device=hidden.device)
+        ref_buffer = torch.empty(rows, vocab, dtype=lse.dtype, device=hidden.device) if use_kl else None
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            k = sl.stop - start
+            # p = softmax(z) = exp(z - lse), in place in the logits buffer
+            g = _logits_into(hidden[sl], weight_c, bias, buffer[:k]).sub_(lse[sl].unsqueeze(-1)).exp_()
             g_lp = grad_logps[sl].unsqueeze(-1)
-            # d logp/dz = onehot - p ; d KL/dz = p - p_ref
+            # d logp/dz = onehot - p ; d KL/dz = p - p_ref: g = p (g_kl - g_lp) - p_ref g_kl + onehot g_lp
             if use_kl:
                 g_kl = grad_kl[sl].unsqueeze(-1)
-                p_ref = torch.softmax(_logits(ref_hidden[sl], ref_weight, ref_bias), dim=-1)
-                g = p * (g_kl - g_lp) - p_ref * g_kl
-                del p_ref
+                p_ref = _logits_into(ref_hidden[sl], ref_weight_c, ref_bias, ref_buffer[:k])
+                p_ref.sub_(lse_ref[sl].unsqueeze(-1)).exp_()
+                g.mul_(g_kl - g_lp).addcmul_(p_ref, g_kl, value=-1)
             else:
-                g = -p * g_lp
+                g.mul_(-g_lp)
             g.scatter_add_(-1, targets[sl].unsqueeze(-1), g_lp)
-            del p, z
             g_w = g.to(hidden.dtype)
             if need_h:
-                grad_h[sl] = g_w @ weight
+                torch.mm(g_w, weight_c, out=grad_h[sl])
             if need_w:
-                grad_w.addmm_(g_w.t().to(acc_dtype), hidden[sl].to(acc_dtype))
+                if g_w.dtype == acc_dtype:
+                    grad_w.addmm_(g_w.t(), hidden[sl])
+                else:
+                    grad_w += (g_w.t() @ hidden[sl]).to(acc_dtype)
             if need_b:
                 grad_b += g.sum(0).to(acc_dtype)
             del g, g_w
@@ -224,7 +329,8 @@ def token_stats(
     weight: (V, H) the policy's output embedding (lm_head weight); bias: (V,) or None.
     targets: (N,) token ids. ref_hidden: (N, H) the reference's final hidden states at the same positions,
     ref_weight: (V, H), ref_bias: (V,) or None (no gradient flows to any of them).
-    Peak extra memory is a few (chunk_size, V) buffers in forward and backward.
+    Peak extra memory is at most two (chunk_size, V) buffers in the compute dtype, in forward and in backward,
+    reused by every chunk (see `_ChunkedHead`).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -238,9 +344,13 @@ def token_stats(
         ref_hidden = ref_hidden.detach()
         ref_weight = ref_weight.detach()
         ref_bias = None if ref_bias is None else ref_bias.detach()
-    outputs = _ChunkedHead.apply(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, request, chunk_size
-    )
+    if ref_hidden is not None and ref_hidden.dtype != hidden.dtype:
+        ref_hidden = ref_hidden.to(hidden.dtype)
+    # The chunk matmuls choose their own precision (logits in >= float32); autocast must not recast them.
+    with torch.autocast(hidden.device.type, enabled=False):
+        outputs = _ChunkedHead.apply(
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, request, chunk_size
+        )
     names = ("logps", "ref_logps", "kl", "relaxed_logps", "tightened_logps", "entropy")
     present = {
         "logps": True,

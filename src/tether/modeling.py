@@ -93,15 +93,63 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
-    """(2B, T, H) final (normed) hidden states, through the model's own forward (DDP/FSDP hooks run)."""
+    """(2B, T, H) final (normed) hidden states, through the model's own forward (DDP/FSDP hooks run).
+
+    On CPU, an unwrapped model (a `PreTrainedModel` or a PEFT model) runs one forward per distinct row length
+    over the real tokens only: a right-padded row's real positions do not depend on its padding (causal
+    attention, positions 0..L-1), so the values are the same and no FLOPs go to padding. Its padding positions
+    then hold zeros; every caller reads real positions only. On other devices, and for DDP/FSDP/DeepSpeed
+    wrappers (which expect one forward per backward), the padded batch runs in one call.
+    """
+    lengths = (
+        _right_padded_lengths(batch.attention_mask) if _runs_rows_separately(model, batch.input_ids) else None
+    )
+    if lengths is None:
+        return _hidden(model, batch.input_ids, batch.attention_mask)
+    rows, width = batch.input_ids.shape
+    order, parts = [], []
+    for length in sorted(set(lengths), reverse=True):
+        index = [r for r in range(rows) if lengths[r] == length]
+        hidden = _hidden(model, batch.input_ids[index, :length], None)  # (g, length, H), no padding
+        parts.append(nn.functional.pad(hidden, (0, 0, 0, width - length)))
+        order.extend(index)
+    stacked = torch.cat(parts)  # rows in `order`
+    inverse = torch.empty(rows, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(rows)
+    return stacked[inverse.to(stacked.device)]
+
+
+def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         output_hidden_states=True,
         use_cache=False,
         logits_to_keep=1,
     )
     return out.hidden_states[-1]
+
+
+def _right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
+    """Real tokens per row if every row is ones then zeros (right padding, as `PreferenceCollator` makes)."""
+    lengths = attention_mask.sum(1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    if not torch.equal(attention_mask.bool(), positions.unsqueeze(0) < lengths.unsqueeze(1)):
+        return None
+    lengths = lengths.tolist()
+    return lengths if min(lengths, default=0) > 0 else None
+
+
+def _runs_rows_separately(model: nn.Module, input_ids: torch.Tensor) -> bool:
+    """Split the batch by row length: on CPU (no kernel-launch cost) for models that are not DDP/FSDP wrapped."""
+    from transformers import PreTrainedModel
+
+    if input_ids.device.type != "cpu":
+        return False
+    fsdp2 = getattr(torch.distributed, "fsdp", None)
+    if fsdp2 is not None and isinstance(model, getattr(fsdp2, "FSDPModule", ())):
+        return False
+    return isinstance(model, PreTrainedModel) or getattr(model, "peft_config", None) is not None
 
 
 def compute_pair_stats(

@@ -126,7 +126,8 @@ class CachedReference(Reference):
         for side in (0, 1):
             for i in indices:
                 start, n = int(self.offsets[i, side]), int(self.lengths[i, side])
-                parts.append(torch.from_numpy(np.ascontiguousarray(self._hidden[start : start + n])))
+                rows = np.array(self._hidden[start : start + n])  # a copy: the memory map is read-only
+                parts.append(torch.from_numpy(rows))
         flat = torch.cat(parts)
         if self._dtype == torch.bfloat16:
             flat = flat.view(torch.bfloat16)
@@ -154,11 +155,14 @@ def build_reference_cache(
     chunk_size: int = 1024,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    key: dict | None = None,
 ) -> Path:
     """One pass of the reference over `dataset` (in index order); writes the cache atomically to `folder`.
 
     collate: list of dataset items -> PreferenceBatch. Stores per pair the chosen / rejected reference
     log-probs (float32) and, if store_hidden, every response token's final hidden state in hidden_dtype.
+    key: JSON-serializable description of what the cache was built from, stored in meta.json so that a
+    caller can tell a stale cache from a reusable one.
     """
     from tqdm.auto import tqdm
 
@@ -223,7 +227,12 @@ def build_reference_cache(
         if bias is not None:
             tensors["head_bias"] = bias.detach().float().cpu().contiguous()
     save_file(tensors, str(staging / "reference.safetensors"))
-    meta = {"pairs": n, "hidden": store_hidden, "hidden_dtype": str(hidden_dtype).removeprefix("torch.")}
+    meta = {
+        "pairs": n,
+        "hidden": store_hidden,
+        "hidden_dtype": str(hidden_dtype).removeprefix("torch."),
+        "key": key,
+    }
     (staging / "meta.json").write_text(json.dumps(meta))
     if folder.exists():
         import shutil

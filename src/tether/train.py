@@ -10,7 +10,11 @@ Assumptions, stated once:
   and 2 processes equal 1, also for an uneven last window. A process with no pairs in a micro-batch still runs
   one (a repeated pair with weight 0) so collectives never hang.
 - Checkpoints are only written at optimizer-step boundaries, into `step-N.partial/`, renamed to `step-N/` once
-  complete; `state.json` is written last, and only folders with it are ever loaded.
+  complete; `state.json` is written last, and only folders with it are ever loaded. A checkpoint also loads
+  as a model with `AutoModelForCausalLM.from_pretrained` (config.json + tokenizer, or the LoRA adapter).
+- metrics.jsonl holds one strict-JSON line per logged step (non-finite values as null); a resumed or restarted
+  run first drops the lines after its start step.
+- The reference cache (reference.mode=cache) records what it was built from and is rebuilt when that changed.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 
 import torch
 
-from tether.config import TrainConfig, config_fingerprint, save_config
+from tether.config import ConfigError, TrainConfig, config_fingerprint, save_config
 from tether.modeling import (
     compute_pair_stats,
     disable_dropout,
@@ -97,7 +101,11 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _save_checkpoint(accelerator, folder: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+def _save_checkpoint(
+    accelerator, folder: Path, step: int, state: dict[str, Any], keep_last: int, model, tokenizer
+) -> Path:
+    """accelerate's state (weights, optimizer, scheduler, RNG) plus what `from_pretrained` needs to load the
+    checkpoint as a model: config.json and the tokenizer (or, with LoRA, the adapter on its base model)."""
     final = folder / f"step-{step:08d}"
     staging = folder / f"step-{step:08d}.partial"
     if accelerator.is_main_process:
@@ -107,6 +115,14 @@ def _save_checkpoint(accelerator, folder: Path, step: int, state: dict[str, Any]
     accelerator.save_state(str(staging), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "peft_config"):  # adapter_config.json + adapter weights
+            unwrapped.save_pretrained(staging, safe_serialization=True)
+        else:
+            unwrapped.config.save_pretrained(staging)
+            if getattr(unwrapped, "generation_config", None) is not None:
+                unwrapped.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         tmp = staging / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, staging / "state.json")  # written last: marks the folder complete
@@ -158,9 +174,9 @@ def _make_reference(config, policy, dataset, collate, accelerator, objective) ->
     # cache: one pass with a frozen reference on the main process, then every process memory-maps it.
     folder = Path(config.output_dir) / "reference_cache"
     store_hidden = objective.needs_reference_distribution
+    key = _cache_key(config, len(dataset), store_hidden)
     if accelerator.is_main_process:
-        usable = (folder / "meta.json").is_file() and _cache_matches(folder, len(dataset), store_hidden)
-        if not usable:
+        if _cached_key(folder) != key:  # absent, or built from another model / data / setting: rebuild
             ref = load_causal_lm(config.reference.path, config.model) if config.reference.path else policy
             ref = ref.to(accelerator.device)
             was_training = ref.training
@@ -175,6 +191,7 @@ def _make_reference(config, policy, dataset, collate, accelerator, objective) ->
                 chunk_size=config.optim.chunk_size,
                 device=accelerator.device,
                 progress=config.logging.progress,
+                key=key,
             )
             ref.train(was_training)
             del ref
@@ -182,9 +199,37 @@ def _make_reference(config, policy, dataset, collate, accelerator, objective) ->
     return CachedReference(folder, device=accelerator.device)
 
 
-def _cache_matches(folder: Path, pairs: int, store_hidden: bool) -> bool:
-    meta = json.loads((folder / "meta.json").read_text())
-    return meta.get("pairs") == pairs and bool(meta.get("hidden")) == store_hidden
+def _cache_key(config: TrainConfig, pairs: int, store_hidden: bool) -> dict[str, Any]:
+    """What the reference cache depends on; a cache whose key differs is stale and rebuilt."""
+    reference = config.reference.path or config.model.path
+    return json.loads(
+        json.dumps(
+            {
+                "reference": str(Path(reference).resolve()),
+                "weights": _stamps(Path(reference), "*.safetensors"),
+                "tokenizer": str(Path(config.model.tokenizer_path or config.model.path).resolve()),
+                "data": str(Path(config.data.train).resolve()),
+                "data_stamp": _stamps(Path(config.data.train), "*"),
+                "max_length": config.data.max_length,
+                "max_prompt_length": config.data.max_prompt_length,
+                "model_dtype": config.model.dtype,
+                "pairs": pairs,
+                "hidden": store_hidden,
+                "hidden_dtype": config.reference.cache_dtype,
+            }
+        )
+    )
+
+
+def _stamps(path: Path, pattern: str) -> list[list[Any]]:
+    """(name, size, mtime_ns) of a file, or of the files matching pattern in a folder: changes when they do."""
+    files = sorted(path.glob(pattern)) if path.is_dir() else [path]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+
+
+def _cached_key(folder: Path) -> dict[str, Any] | None:
+    meta = folder / "meta.json"
+    return json.loads(meta.read_text()).get("key") if meta.is_file() else None
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -192,6 +237,18 @@ def _cache_matches(folder: Path, pairs: int, store_hidden: bool) -> bool:
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     """Train a policy on preference pairs as configured; see the module docstring for the invariants."""
+    # optim.deterministic switches a process-wide torch flag: put it back afterwards for the caller.
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        return _train(config, resume)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _train(config: TrainConfig, resume: bool) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -207,33 +264,43 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         mixed_precision=config.optim.mixed_precision,
         log_with=config.logging.trackers or None,
         project_dir=str(out_dir),
+        # Without cpu=True, accelerate ignores a torchrun launch on a machine with no GPU: every process
+        # would train alone on the whole data.
+        cpu=not _has_accelerator(),
     )
     world = accelerator.num_processes
+    if int(os.environ.get("WORLD_SIZE", world)) != world:  # (mpirun sets no WORLD_SIZE: nothing to compare)
+        raise RuntimeError(
+            f"launched as {os.environ['WORLD_SIZE']} processes (WORLD_SIZE) but accelerate runs {world}:"
+            " check the launcher"
+        )
     if config.optim.deterministic:
         torch.use_deterministic_algorithms(True)
     set_seed(config.optim.seed)
 
     # Resume checks come before anything heavy is loaded.
-    start_step, resume_from, resume_state = 0, None, None
+    start_step, resume_from, resume_state, changed = 0, None, None, []
+    fingerprint = config_fingerprint(config, processes=world)
     if resume:
         found = complete_checkpoints(ckpt_dir)
         if found:
             resume_from = found[-1]
             resume_state = json.loads((resume_from / "state.json").read_text())
-            saved, now = resume_state["fingerprint"], config_fingerprint(config)
-            if saved != now and not config.checkpoint.allow_changed_config:
-                changed = sorted(k for k in now if saved.get(k) != now[k])
-                raise ValueError(
-                    f"refusing to resume {resume_from}: {changed} changed since it was written"
-                    f" (was {[saved.get(k) for k in changed]}, now {[now[k] for k in changed]});"
-                    " set checkpoint.allow_changed_config=true to resume anyway"
+            saved = resume_state["fingerprint"]
+            changed = sorted(k for k in {*saved, *fingerprint} if saved.get(k) != fingerprint.get(k))
+            if changed and not config.checkpoint.allow_changed_config:
+                what = ", ".join(f"{k}: {saved.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
+                raise ConfigError(
+                    f"refusing to resume from {resume_from}: changed since it was written: {what}; restore"
+                    " them, or set checkpoint.allow_changed_config=true to resume anyway"
                 )
             start_step = int(resume_state["step"])
         elif accelerator.is_main_process:
             print(f"[tether] --resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
     elif complete_checkpoints(ckpt_dir):
-        raise ValueError(
-            f"{out_dir} already holds checkpoints; pass --resume to continue it or choose another output_dir"
+        raise ConfigError(
+            f"output_dir {out_dir} already holds checkpoints; pass --resume to continue that run or choose"
+            " another output_dir"
         )
 
     tokenizer = load_tokenizer(config.model)
@@ -285,11 +352,19 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     skipped_steps = 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        objective.load_state_dict(resume_state["objective"])
+        if not any(k.startswith("objective.") for k in changed):
+            objective.load_state_dict(resume_state["objective"])
+        elif accelerator.is_main_process:  # (allow_changed_config) the old objective's state does not apply
+            print(
+                "[tether] the objective changed: its state (e.g. epsilon-DPO's beta) starts from the config"
+            )
         skipped_steps = int(resume_state.get("skipped_steps", 0))
         if accelerator.is_main_process:
-            _truncate_metrics(out_dir / "metrics.jsonl", start_step)
             print(f"[tether] resumed from {resume_from} at step {start_step}")
+    if accelerator.is_main_process:
+        # Lines after the start step belong to an attempt that did not reach a checkpoint (all of them on a
+        # fresh start): drop them so that every step appears once.
+        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
     if config.logging.trackers:
         accelerator.init_trackers("tether", config=_flat(config.to_dict()))
 
@@ -329,16 +404,22 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                     )
                     out = objective(stats)
                 loss = out.losses.sum() * (weight * world / n_step)
-                if not torch.isfinite(out.losses).all():
+                finite = torch.isfinite(out.losses.detach())
+                if not finite.all():
                     bad_local += 1
-                    bad_rows.extend(dataset[i].row_number for i in indices)
+                    bad_rows.extend(
+                        dataset[i].row_number for i, ok in zip(indices, finite.tolist()) if not ok
+                    )
                 accelerator.backward(loss)
+            # A zero-weight filler still adds (zeros to) every metric: the tensors reduced across processes
+            # below must have the same size on every process, or gloo/NCCL fail or hang.
+            k = float(len(indices)) if weight else 0.0
+            local_pairs += k
+            for name, value in out.metrics.items():
+                value = value.detach().float()
+                sums[name] = sums.get(name, 0.0) + (value * k if weight else torch.zeros_like(value))
             if weight:
-                k = float(len(indices))
-                local_pairs += k
                 tokens += batch.num_response_tokens()
-                for name, value in out.metrics.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float() * k
                 if out.beta_steps is not None:
                     step_sum += out.beta_steps.detach().double().sum()
         # Every process agrees on a non-finite step: the flag is summed over processes.
@@ -390,7 +471,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         if accelerator.is_main_process:
             if (step + 1) % config.logging.every == 0 or step + 1 == total_steps:
                 with open(out_dir / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                    fh.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
                 if config.logging.trackers:
                     accelerator.log(
                         {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1
@@ -405,9 +486,11 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                 "step": step + 1,
                 "objective": objective.state_dict(),
                 "skipped_steps": skipped_steps,
-                "fingerprint": config_fingerprint(config),
+                "fingerprint": fingerprint,
             }
-            _save_checkpoint(accelerator, ckpt_dir, step + 1, state, config.checkpoint.keep_last)
+            _save_checkpoint(
+                accelerator, ckpt_dir, step + 1, state, config.checkpoint.keep_last, model, tokenizer
+            )
     bar.close()
 
     final = out_dir / "final"
@@ -434,19 +517,40 @@ def _save_final(model, tokenizer, folder: Path, config: TrainConfig, objective) 
     os.replace(staging, folder)
 
 
+def _has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def _grad_norm(params) -> torch.Tensor:
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (the run redoes those steps)."""
+    """Keep only the metric lines of steps <= step (the run redoes the later ones).
+
+    A run killed while appending can leave a torn last line: it is dropped with the rest.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", step + 1) <= step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def _strict_json(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN / inf (a skipped step's loss) become null: bare NaN is not JSON and breaks strict readers."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
