@@ -289,26 +289,20 @@ def test_bf16_hidden_states_give_float32_statistics():
     assert g_h.dtype == torch.bfloat16 and torch.isfinite(g_h).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="heads._logits / heads._logits_into multiply bf16 hidden by the bf16 head in bf16 and upcast the "
-    "product, so the logits are rounded to bf16 (~3e-2 error here), while the module docstring says logits are "
-    "computed in at least float32 whatever the hidden-state dtype. Fix the code or the docstring (then drop this).",
-)
-def test_bf16_logits_are_computed_in_float32():
-    """The module contract: 'Logits are computed in at least float32 whatever the hidden-state dtype'. Then the
-    only difference from the float32 computation on the same (bf16-representable) values is float32 round-off,
-    so the log-probs agree to 1e-4."""
-    _, got, want, _ = _bf16_case()
-    torch.testing.assert_close(got.logps, want.logps, rtol=0, atol=1e-4)
+def test_bf16_statistics_are_the_float32_reductions_of_the_bf16_logits():
+    """The module contract: the head matmul runs in bf16 (as the model's lm_head would), then every reduction
+    runs in float32. So the statistics equal the float32 computation on the bf16-rounded logits up to float32
+    round-off (1e-4), not merely to the bf16 rounding error."""
+    inp = make_inputs(n=16, v=50, h=8, bias=False, dtype=torch.bfloat16)
+    request = StatRequest(kl=True, epsilon=0.1, entropy=True)
+    got = chunked(inp, True, request, 7)
+    z = (inp["hidden"] @ inp["weight"].t()).float()
+    z_ref = (inp["ref_hidden"] @ inp["ref_weight"].t()).float()
+    want = token_stats_from_logits(z, inp["targets"], z_ref, request=request)
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=1e-4, msg=name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="heads._chunk_statistics and heads._chunk_forward form the perturbed logits as (1+e)*z - e*z_ref and "
-    "(1-e)*z + e*z_ref, which differ from z by rounding when z_ref == z, so epsilon-DPO's steps can be nonzero at "
-    "policy == reference (DESIGN.md says they are all 0); z + e*(z - z_ref) and z - e*(z - z_ref) are exact there",
-)
 @pytest.mark.parametrize("path", ["full", "chunked"])
 def test_perturbed_logps_equal_policy_logps_at_reference(path):
     """DESIGN.md: 'At policy == reference every s_i is 0'. That needs z+ = z = z- exactly (a rounding difference

@@ -569,6 +569,9 @@ def test_epsilon_base_beta_update_validates_mean_step():
             obj.update_base_beta(bad)
     assert obj.beta == 0.5
     assert obj.update_base_beta(-1.0) == pytest.approx(0.5 / 0.75, rel=1e-15)
+    # the mean step arrives as a 0-dim tensor from the all-reduce: beta stays a Python float
+    assert type(obj.update_base_beta(torch.tensor(0.5, dtype=torch.float64))) is float
+    assert type(obj.state_dict()["beta"]) is float
 
 
 def test_epsilon_state_dict_round_trip():

@@ -16,8 +16,11 @@ Everything else (reference log-probs, perturbed log-probs, entropy) is computed 
 
 `token_stats_from_logits` computes the same statistics with plain autograd from logits that are already
 materialized; it backs `tether.functional` and is the reference the chunked path is tested against.
-Logits are computed in at least float32 whatever the hidden-state dtype (bf16/fp16 logits lose the
-small differences the objectives are made of); float64 inputs stay float64 (for gradcheck).
+Precision: the head matmul runs in the hidden states' dtype, as the model's own lm_head would (bf16 hidden
+states give bf16-rounded logits, which is also what TRL sees before it upcasts); the logits are then upcast
+and every reduction over the vocabulary (log-softmax, KL, entropy, the perturbed log-probs) and the backward
+closed forms run in at least float32. float64 inputs stay float64 (for gradcheck). Upcasting the head itself
+would cost a float32 copy of the (V, H) weight per call.
 """
 
 from __future__ import annotations
@@ -98,8 +101,11 @@ def _chunk_statistics(
             stats.kl = (logq_ref.exp() * (logq_ref - logq)).sum(-1)
         if request.epsilon is not None:
             e = request.epsilon
-            stats.relaxed_logps = _gather(torch.log_softmax((1 + e) * z - e * z_ref, dim=-1), targets)
-            stats.tightened_logps = _gather(torch.log_softmax((1 - e) * z + e * z_ref, dim=-1), targets)
+            # (1 + e) z - e z_ref and (1 - e) z + e z_ref, written as z +/- e (z - z_ref): equal to z bit for bit
+            # when z_ref == z, so that every epsilon-DPO step is exactly 0 at policy == reference.
+            delta = z - z_ref
+            stats.relaxed_logps = _gather(torch.log_softmax(z + e * delta, dim=-1), targets)
+            stats.tightened_logps = _gather(torch.log_softmax(z - e * delta, dim=-1), targets)
     if request.entropy:
         stats.entropy = -(logq.exp() * logq).sum(-1)
     return stats
@@ -190,8 +196,11 @@ def _chunk_forward(
         out["kl"] = weighted / s_ref.squeeze(-1) + (lse - lse_ref)
     if request.epsilon is not None:
         e = request.epsilon
-        for name, a, b in (("relaxed_logps", 1 + e, -e), ("tightened_logps", 1 - e, e)):
-            mixed = torch.mul(z, a, out=scratch).add_(z_ref, alpha=b)  # a z + b z_ref
+        # z +/- e (z - z_ref) (see `_chunk_statistics`): z_ref becomes z - z_ref in place, as it is not needed
+        # any more; each perturbed logit row is formed in `scratch`.
+        delta = z_ref.neg_().add_(z)
+        for name, sign in (("relaxed_logps", e), ("tightened_logps", -e)):
+            mixed = torch.add(z, delta, alpha=sign, out=scratch)
             lse_mixed, _, _ = _logsumexp_(mixed, work)
             out[name] = mixed.gather(-1, t).squeeze(-1) - lse_mixed
     return out

@@ -328,6 +328,7 @@ class EpsilonDPO(Objective):
 
     def update_base_beta(self, mean_step: float) -> float:
         """beta <- beta / (1 + e * m); m is the mean step over the optimizer step's pairs (all processes)."""
+        mean_step = float(mean_step)  # a 0-dim tensor from the all-reduce must not turn beta into a tensor
         _require(-1.0 <= mean_step <= 1.0, f"mean step must be in [-1, 1], got {mean_step!r}")
         self.beta = self.beta / (1 + self.epsilon * mean_step)
         return self.beta

@@ -10,10 +10,15 @@ What is enforced by the kernel (real), set in the child between fork and exec (`
 - no network: a new, empty network namespace (`unshare(CLONE_NEWNET)`; only a loopback that is down), when
   the kernel allows it (root, or unprivileged user namespaces); `sandbox_report()` says whether it took;
 - when the evaluator runs as root: the child drops to an unprivileged user (`nobody` by default) before exec.
-  Only then is RLIMIT_NPROC enforced (Linux never applies it to uid 0) and do file permissions stop writes
-  outside the working directory. If the interpreter is not readable by that user (e.g. it lives under
+  Only then is RLIMIT_NPROC enforced (Linux never applies it to uid 0) and do file permissions protect the
+  evaluator's own files (also where Landlock is missing). If the interpreter is not readable by that user (e.g. it lives under
   /root), a system python of the same major.minor version is used instead; if there is none, the child stays
   root and `sandbox_report()` says that NPROC and file permissions do not protect;
+- write confinement by the Landlock LSM (Linux >= 5.13, when the kernel enables it): the child and everything
+  it starts can create, write, truncate, rename or delete files only beneath its working directory (and write
+  /dev/null), whatever the file permissions say: world-writable /tmp, /var/tmp and /dev/shm included. Where
+  the kernel supports Landlock ABI 6, the child also cannot signal processes outside its own sandbox.
+  `sandbox_report()["write_confinement"]` says whether it took;
 - no_new_privs (setuid binaries gain nothing) and a parent-death signal (the child dies with the evaluator);
 - the wall-clock timeout kills the whole process group (SIGKILL), and so does the end of every run.
 
@@ -42,6 +47,7 @@ import resource
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +61,14 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
+# Landlock (include/uapi/linux/landlock.h); the syscall numbers are the same on every architecture.
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+LANDLOCK_SCOPE_SIGNAL = 1 << 1
+_FS_WRITE_FILE, _FS_TRUNCATE, _FS_REFER = 1 << 1, 1 << 14, 1 << 13
+# remove_dir, remove_file, make_char, make_dir, make_reg, make_sock, make_fifo, make_block, make_sym
+_FS_CHANGE_TREE = sum(1 << bit for bit in range(4, 13))
 PROGRAM_FILE = "program.py"
 
 Status = Literal["passed", "failed", "timeout"]
@@ -105,6 +119,57 @@ class _Identity:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class _Landlock:
+    """A Landlock ruleset that confines writes to `root`, prepared in the parent for a given kernel ABI."""
+
+    root: str
+    ruleset_attr: bytes  # struct landlock_ruleset_attr
+    tree_rights: int  # allowed beneath root: every handled right
+    file_rights: int  # allowed on /dev/null
+
+    @staticmethod
+    def abi_version(libc: ctypes.CDLL | None) -> int:
+        """The kernel's Landlock ABI version, 0 where Landlock is missing or disabled."""
+        if libc is None:
+            return 0
+        version = libc.syscall(
+            SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), LANDLOCK_CREATE_RULESET_VERSION
+        )
+        return max(int(version), 0)
+
+    @classmethod
+    def for_root(cls, root: str, abi: int) -> _Landlock | None:
+        if abi < 1:
+            return None
+        file_rights = _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0)
+        handled = file_rights | _FS_CHANGE_TREE | (_FS_REFER if abi >= 2 else 0)
+        if abi >= 6:  # handled_access_fs, handled_access_net, scoped
+            attr = struct.pack("<QQQ", handled, 0, LANDLOCK_SCOPE_SIGNAL)
+        else:
+            attr = struct.pack("<Q", handled)
+        return cls(os.path.realpath(root), attr, handled, file_rights)
+
+    def apply(self, libc: ctypes.CDLL) -> None:
+        """In the child, after no_new_privs: restrict this process and its future children."""
+        attr = ctypes.create_string_buffer(self.ruleset_attr, len(self.ruleset_attr))
+        ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(self.ruleset_attr)), 0)
+        if ruleset < 0:
+            return
+        try:
+            for path, rights in ((self.root, self.tree_rights), (os.devnull, self.file_rights)):
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                try:
+                    # struct landlock_path_beneath_attr { __u64 allowed_access; __s32 parent_fd; } (packed)
+                    rule = ctypes.create_string_buffer(struct.pack("<Qi", rights, fd), 12)
+                    libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, rule, 0)
+                finally:
+                    os.close(fd)
+            libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
+        finally:
+            os.close(ruleset)
+
+
 @dataclass
 class _Preexec:
     """Runs in the forked child before exec: only syscalls on values prepared in the parent."""
@@ -114,6 +179,7 @@ class _Preexec:
     gid: int | None
     isolate_network: bool
     libc: ctypes.CDLL | None = field(default=None)
+    landlock: _Landlock | None = None
 
     def __call__(self) -> None:
         if self.libc is not None and self.isolate_network:
@@ -129,6 +195,8 @@ class _Preexec:
         if self.libc is not None:
             self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
             self.libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            if self.landlock is not None:
+                self.landlock.apply(self.libc)
 
 
 # The child's entry point: read the program, install the guard, run it as __main__.
@@ -323,7 +391,8 @@ def run_program(program: str, config: SandboxConfig | None = None) -> ExecutionR
             (resource.RLIMIT_CORE, 0),
             (resource.RLIMIT_NPROC, cfg.max_processes),
         ]
-        preexec = _Preexec(limits, ident.uid, ident.gid, cfg.isolate_network, _libc())
+        landlock = _Landlock.for_root(workdir, _Landlock.abi_version(_libc()))
+        preexec = _Preexec(limits, ident.uid, ident.gid, cfg.isolate_network, _libc(), landlock)
         cmd = [
             ident.python,
             "-I",
@@ -395,9 +464,17 @@ def run_programs(
         return list(pool.map(lambda p: run_program(p, config), programs))
 
 
+# posix.open, not the guarded os.open: the probe asks the kernel whether a write outside the folder is possible.
 _PROBE = """
-import json, os
-print(json.dumps({"uid": os.getuid(), "netns": os.readlink("/proc/self/ns/net")}))
+import json, os, posix
+outside = os.path.join(os.path.dirname(os.getcwd()), f"tether-probe-{os.getpid()}")
+try:
+    posix.close(posix.open(outside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    posix.unlink(outside)
+    confined = False
+except PermissionError:
+    confined = True
+print(json.dumps({"uid": os.getuid(), "netns": os.readlink("/proc/self/ns/net"), "confined": confined}))
 """
 
 
@@ -405,11 +482,13 @@ def sandbox_report(config: SandboxConfig | None = None) -> dict[str, object]:
     """Which protections are real on this machine for `config`, found by running a probe program.
 
     Returns:
-        {"python", "user_id", "nproc_enforced", "file_permissions", "network_namespace", "note"}:
+        {"python", "user_id", "nproc_enforced", "file_permissions", "network_namespace", "write_confinement",
+        "note"}:
         nproc_enforced: the child's real user is not root (Linux exempts uid 0 from RLIMIT_NPROC);
         file_permissions: the child runs as a different, unprivileged user than the evaluator, so the
         evaluator's files are protected by the kernel; network_namespace: the child's network namespace
-        differs from the evaluator's.
+        differs from the evaluator's; write_confinement: the kernel (Landlock) refuses the child's writes outside
+        its working directory.
     """
     cfg = config or SandboxConfig()
     ident = _identity(cfg.user, cfg.python)
@@ -424,5 +503,6 @@ def sandbox_report(config: SandboxConfig | None = None) -> dict[str, object]:
         "nproc_enforced": dropped or os.geteuid() != 0,
         "file_permissions": dropped,
         "network_namespace": probe["netns"] != os.readlink("/proc/self/ns/net"),
+        "write_confinement": probe["confined"],
         "note": ident.note,
     }
