@@ -590,3 +590,27 @@ def test_nonfinite_step_raises_naming_step_and_row(train_yaml, monkeypatch):
     with pytest.raises(NonFiniteError, match=rf"step 3\b.*\[{pairs[1] + 1}\]"):
         train(config)
     assert [r["step"] for r in read_metrics(config.output_dir)] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "kind, stage, refused",
+    [("FSDP", None, True), ("DEEPSPEED", 3, True), ("DEEPSPEED", 2, False), ("MULTI_CPU", None, False)],
+)
+def test_parameter_sharding_is_refused_with_the_reason(kind, stage, refused):
+    """FSDP and ZeRO-3 shard lm_head, which the chunked head reads outside forward: refused before loading."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tether.config import ConfigError
+    from tether.train import _require_supported_sharding
+
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType[kind],
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)),
+    )
+    if refused:
+        with pytest.raises(ConfigError, match="lm_head"):
+            _require_supported_sharding(accelerator)
+    else:
+        _require_supported_sharding(accelerator)

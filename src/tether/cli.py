@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in toy task (no downloads)")
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on 2 CPU cores)")
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)

@@ -268,6 +268,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         # would train alone on the whole data.
         cpu=not _has_accelerator(),
     )
+    _require_supported_sharding(accelerator)
     world = accelerator.num_processes
     if int(os.environ.get("WORLD_SIZE", world)) != world:  # (mpirun sets no WORLD_SIZE: nothing to compare)
         raise RuntimeError(
@@ -515,6 +516,28 @@ def _save_final(model, tokenizer, folder: Path, config: TrainConfig, objective) 
     )
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
+
+
+def _require_supported_sharding(accelerator) -> None:
+    """Refuse parameter sharding (FSDP, DeepSpeed ZeRO-3) before anything is loaded.
+
+    The chunked head (`tether.heads.token_stats`) multiplies the final hidden states by the output embedding
+    outside the model's forward; a sharded lm_head weight is not gathered there, so the statistics would be
+    wrong or the run would fail deep inside a step.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    zero3 = (
+        kind == DistributedType.DEEPSPEED
+        and getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+    )
+    if kind == DistributedType.FSDP or zero3:
+        raise ConfigError(
+            f"{'FSDP' if kind == DistributedType.FSDP else 'DeepSpeed ZeRO-3'} shards the lm_head weight, which"
+            " tether's chunked head reads outside the model's forward: not supported yet. Use DDP (torchrun or"
+            " accelerate launch without FSDP), DeepSpeed ZeRO-1/2, or LoRA to fit the model"
+        )
 
 
 def _has_accelerator() -> bool:

@@ -53,10 +53,12 @@ def plot_pass_at_k(result: dict[str, Any], path: str) -> str | None:
 
 
 def plot_entropy_diversity(result: dict[str, Any], path: str) -> str | None:
-    """Token entropy, distinct-2 and pairwise edit distance against temperature, one line per model."""
+    """Token entropy, unique answers per prompt, distinct-2 and pairwise edit distance against temperature,
+    one line per model."""
     rows = _rows(result)
     panels = [
         ("entropy", "entropy per token (nats)"),
+        ("unique_answers", "unique answers per prompt"),
         ("distinct_2", "distinct-2"),
         ("edit_distance", "pairwise edit distance"),
     ]

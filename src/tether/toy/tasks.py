@@ -43,8 +43,8 @@ class ReverseTask:
     length, from ERROR_RATE[0] at MIN_LENGTH to ERROR_RATE[1] at MAX_LENGTH. The reference learns that
     mistake distribution on top of its own errors: sampled at temperature 1 it fails often, more so on long
     words, while its most likely answer (greedy) is usually right, which is what entropy-controlling
-    objectives act on. Measured after 600 SFT steps of batch 32 (docs/toy.md): pass@1 at temperature 1
-    0.30-0.44 over four seeds, greedy 0.56-0.81.
+    objectives act on. Measured by `tether demo` after 600 SFT steps of batch 32 (docs/toy.md): pass@1 0.56
+    at temperature 1 and 0.93 at 0.25.
     """
 
     name = "reverse"

@@ -1,0 +1,127 @@
+"""`tether demo --quick` end to end, through the installed console entry point, as a new user runs it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tether.demo import DEMO_OBJECTIVES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "demo", "--quick", "--no-progress", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def _table(report: str, header_start: str) -> list[list[str]]:
+    """The rows (cells) of the Markdown table whose header line starts with header_start."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_demo_reports_every_objective_with_finite_metrics(demo):
+    out, proc = demo
+    assert f"demo report: {out / 'report.md'}" in proc.stdout
+    for stage in ("1/4", "2/4", "3/4", "4/4"):
+        assert f"[tether demo] {stage}" in proc.stdout
+    report = (out / "report.md").read_text()
+    names = [name for name, _ in DEMO_OBJECTIVES]
+
+    training = _table(report, "| objective |")
+    assert [row[0] for row in training] == names
+    for row in training:
+        assert int(row[1]) > 0
+        for cell in row[2:]:
+            assert math.isfinite(float(cell)), row
+
+    evaluation = _table(report, "| model | T |")
+    assert {row[0] for row in evaluation} == {"reference", *names}
+    for row in evaluation:
+        for cell in row[2:]:
+            assert math.isfinite(float(cell)), row
+        passes = [float(c) for c in row[2:-3]]
+        assert all(0 <= p <= 1 for p in passes) and passes == sorted(passes), row  # pass@k rises with k
+
+    pairs = re.search(r"pairs: (\d+) from (\d+) prompts", report)
+    assert pairs and int(pairs.group(1)) > 0
+
+
+def test_demo_writes_models_data_metrics_and_plots(demo):
+    out, _ = demo
+    rows = [json.loads(line) for line in (out / "data" / "pairs.jsonl").read_text().splitlines()]
+    assert rows and all({"prompt", "chosen", "rejected"} <= row.keys() for row in rows)
+    assert (out / "reference" / "config.json").is_file()
+    assert (out / "reference" / "model.safetensors").is_file()
+    for name, _ in DEMO_OBJECTIVES:
+        run = out / "runs" / name
+        assert (run / "final" / "model.safetensors").is_file(), name
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert metrics and all(math.isfinite(m["loss"]) for m in metrics), name
+    evaluation = json.loads((out / "eval" / "eval.json").read_text())
+    assert set(evaluation["models"]) == {"reference", *(name for name, _ in DEMO_OBJECTIVES)}
+    report = (out / "report.md").read_text()
+    for png in ("training_curves.png", "eval/pass_at_k.png", "eval/entropy_diversity.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
+        assert f"]({png})" in report, png
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quick"] is True and set(summary["timings_s"]) == {"sft", "pairs", "train", "eval"}
+
+
+@pytest.mark.parametrize("example", ["toy.yaml", "dpo.yaml"])
+def test_examples_train_on_the_demo_outputs(demo, tmp_path, example):
+    """The README's `tether train examples/...` path, on the model and data the demo saved to local folders."""
+    out, _ = demo
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tether.cli",
+            "train",
+            str(root / "examples" / example),
+            f"output_dir={run}",
+            f"model.path={out / 'reference'}",
+            f"data.train={out / 'data' / 'pairs.jsonl'}",
+            "optim.max_steps=3",
+            "optim.batch_size=4",
+            "optim.grad_accum=1",
+            "logging.progress=false",
+            "logging.every=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    if example == "dpo.yaml":  # DPO at policy == reference (step 1): h = 0, loss = log 2
+        assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert (run / "final" / "model.safetensors").is_file()
