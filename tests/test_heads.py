@@ -20,15 +20,7 @@ from tether.heads import (
     token_stats_from_logits,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intraop_thread():
-    """These tests use tiny tensors, where intra-op threads only add synchronization; on a shared 2-core runner
-    that synchronization made them ~40x slower. One thread for this module, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add overhead
 
 
 FIELDS = ("logps", "ref_logps", "kl", "relaxed_logps", "tightened_logps", "entropy")
