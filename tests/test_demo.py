@@ -125,3 +125,41 @@ def test_examples_train_on_the_demo_outputs(demo, tmp_path, example):
     if example == "dpo.yaml":  # DPO at policy == reference (step 1): h = 0, loss = log 2
         assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_eval_example_on_the_demo_outputs(demo, tmp_path):
+    """`tether eval examples/eval_toy.yaml` on the demo's models: eval.json with every model and the plots."""
+    out, _ = demo
+    root = Path(__file__).resolve().parents[1]
+    models = ",".join(
+        f"{{name: {name}, path: {out / 'runs' / name / 'final'}}}" for name in ("dpo", "hdpo_a0.8", "tdpo2")
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tether.cli",
+            "eval",
+            str(root / "examples" / "eval_toy.yaml"),
+            f"models=[{models}]",
+            f"reference={out / 'reference'}",
+            f"output_dir={tmp_path / 'eval'}",
+            "num_prompts=8",
+            "n_samples=4",
+            "k=[1,4]",
+            "temperatures=[1.0]",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(result["models"]) == {"reference", "dpo", "hdpo_a0.8", "tdpo2"}
+    for entry in result["models"].values():
+        metrics = next(iter(entry["temperatures"].values()))
+        assert 0 <= metrics["pass@k"]["1"] <= metrics["pass@k"]["4"] <= 1
+        assert math.isfinite(metrics["entropy"]) and math.isfinite(metrics["kl_forward"])
+    assert (tmp_path / "eval" / "pass_at_k.png").read_bytes()[:8] == PNG_MAGIC
