@@ -317,7 +317,8 @@ def test_make_preference_pairs(tokenizer, model, tmp_path):
     rows, stats = make_preference_pairs(task, model, tokenizer, prompts, samples_per_prompt=6, seed=0)
     # The same sampling, redone: which prompts have all samples tied.
     samples = sample_completions(model, tokenizer, prompts, 6, 1.0, task.max_new_tokens, seed=0)
-    tied = [p for p, cs in zip(prompts, samples) if len({task.reward(p, c) for c in cs}) == 1]
+    samples = [[c for c in cs if c.strip()] for cs in samples]  # empty completions are never paired
+    tied = [p for p, cs in zip(prompts, samples) if len({task.reward(p, c) for c in cs}) < 2]
     assert {"tie", "tuv", "tt"} <= set(tied)
     assert isinstance(stats, PairingStats)
     assert stats.skipped_all_tied == len(tied)
@@ -336,6 +337,21 @@ def test_make_preference_pairs(tokenizer, model, tmp_path):
     assert stats.mean_chosen_reward > stats.mean_rejected_reward
     with pytest.raises(ValueError, match="samples_per_prompt"):
         make_preference_pairs(task, model, tokenizer, prompts, samples_per_prompt=1)
+
+
+def test_make_preference_pairs_never_pairs_an_empty_completion(tokenizer, model, monkeypatch):
+    """An empty sample has the lowest length reward, but an empty response is a bad row for the data loader:
+    it must not become a rejected response; it is counted instead."""
+    import tether.toy.pairs as pairs_module
+
+    fixed = [["", "ab", "abcd", " "], ["", "", "xyz", "  "], ["abc", "", "a", "abcde"]]
+    monkeypatch.setattr(pairs_module, "sample_completions", lambda *args, **kwargs: fixed)
+    rows, stats = make_preference_pairs(
+        _LengthTask(), model, tokenizer, ["p", "q", "r"], samples_per_prompt=4
+    )
+    pairs = [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+    assert pairs == [("abcd", "ab"), ("abcde", "a")]
+    assert (stats.empty_samples, stats.skipped_all_tied, stats.num_pairs) == (6, 1, 2)
 
 
 def test_make_preference_pairs_all_tied(tokenizer, model):

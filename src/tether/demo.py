@@ -250,7 +250,8 @@ def _write_report(
         "",
         f"- SFT final loss: {summary['sft_final_loss']:.3f}",
         f"- pairs: {p['num_pairs']} from {p['num_prompts']} prompts x {p['samples_per_prompt']} samples"
-        f" ({p['skipped_all_tied']} prompts gave no pair: all samples right or all wrong)",
+        f" ({p['skipped_all_tied']} prompts gave no pair: all samples right or all wrong;"
+        f" {p['empty_samples']} empty samples never paired)",
         "- stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()),
         "",
         "## Training (last step)",

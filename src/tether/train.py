@@ -10,7 +10,8 @@ Assumptions, stated once:
   and 2 processes equal 1, also for an uneven last window. A process with no pairs in a micro-batch still runs
   one (a repeated pair with weight 0) so collectives never hang.
 - Checkpoints are only written at optimizer-step boundaries, into `step-N.partial/`, renamed to `step-N/` once
-  complete; `state.json` is written last, and only folders with it are ever loaded. A checkpoint also loads
+  complete (N zero-padded to 8 digits: `step-00000010/`, so names sort by step); `state.json` is written
+  last, and only folders with it are ever loaded. A checkpoint also loads
   as a model with `AutoModelForCausalLM.from_pretrained` (config.json + tokenizer, or the LoRA adapter).
 - metrics.jsonl holds one strict-JSON line per logged step (non-finite values as null); a resumed or restarted
   run first drops the lines after its start step.

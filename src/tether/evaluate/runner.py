@@ -274,8 +274,10 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         del model
 
     result["plots"] = plot_all(result, cfg.output_dir)
-    with open(os.path.join(cfg.output_dir, "eval.json"), "w", encoding="utf-8") as f:
+    path = os.path.join(cfg.output_dir, "eval.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # a killed run never leaves a torn eval.json
         json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
     return result
 
 

@@ -84,7 +84,8 @@ class PairingStats:
     num_prompts: int
     samples_per_prompt: int
     num_pairs: int
-    skipped_all_tied: int  # prompts whose samples all had the same reward (no pair possible)
+    skipped_all_tied: int  # prompts without two non-empty samples of different reward (no pair possible)
+    empty_samples: int  # samples with an empty completion: never paired (tether's loader rejects them)
     mean_reward: float  # over all samples
     mean_chosen_reward: float  # over pairs; nan if there are none
     mean_rejected_reward: float  # over pairs; nan if there are none
@@ -124,8 +125,11 @@ def make_preference_pairs(
 ) -> tuple[list[dict[str, list[dict[str, str]]]], PairingStats]:
     """Sample from `model`, score with `task.reward`, and pair samples of the same prompt (`pair_indices`).
 
-    With pairs_per_prompt=1 each prompt gives its best sample against its worst. Prompts whose samples all
-    tie give no pair and are counted in `skipped_all_tied`. max_new_tokens defaults to the task's.
+    With pairs_per_prompt=1 each prompt gives its best sample against its worst. A sample whose completion
+    is empty (the model stopped at once) is never paired: an empty response is a bad row for tether's data
+    loader; such samples are counted in `empty_samples` (their rewards still count in `mean_reward`).
+    Prompts whose non-empty samples all tie give no pair and are counted in `skipped_all_tied`.
+    max_new_tokens defaults to the task's.
     Returns (rows in TRL's conversational format, stats).
     """
     if samples_per_prompt < 2:
@@ -139,11 +143,13 @@ def make_preference_pairs(
     all_rewards: list[float] = []
     chosen_rewards: list[float] = []
     rejected_rewards: list[float] = []
-    skipped = 0
-    for prompt, completions in zip(prompts, samples, strict=True):
+    skipped = empty = 0
+    for prompt, all_completions in zip(prompts, samples, strict=True):
+        all_rewards += [task.reward(prompt, completion) for completion in all_completions]
+        completions = [c for c in all_completions if c.strip()]
+        empty += len(all_completions) - len(completions)
         rewards = [task.reward(prompt, completion) for completion in completions]
-        all_rewards += rewards
-        if min(rewards) == max(rewards):
+        if len(set(rewards)) < 2:
             skipped += 1
             continue
         for chosen, rejected in pair_indices(rewards, pairs_per_prompt):
@@ -161,6 +167,7 @@ def make_preference_pairs(
         samples_per_prompt=samples_per_prompt,
         num_pairs=len(rows),
         skipped_all_tied=skipped,
+        empty_samples=empty,
         mean_reward=_mean(all_rewards),
         mean_chosen_reward=_mean(chosen_rewards),
         mean_rejected_reward=_mean(rejected_rewards),
