@@ -1,0 +1,323 @@
+"""Write experiments/REPORT.md and redraw every figure from experiments/results/*.json.
+
+    python experiments/make_report.py
+
+Nothing here trains or samples: every number and every verdict is computed from the studies' JSON by the
+`claims` function of the study's module (rules stated next to each verdict). A study whose JSON is missing
+is listed as not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import combinations
+import common as c
+import epsilon_dpo_beta
+import hdpo_alpha_sweep
+import numpy as np
+import tdpo_vs_dpo
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """ "mean ± std" over seeds (sample std)."""
+    s = c.summary(values)
+    return "-" if s["mean"] is None else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def claim_lines(claims: list[dict[str, Any]]) -> list[str]:
+    """Each claim: its verdict, rule, and the per-seed differences behind it."""
+    lines = []
+    for i, claim in enumerate(claims, 1):
+        lines += [
+            f"**Claim {i}: {claim['claim']}.** Verdict: **{claim['verdict']}**.",
+            "",
+            f"Rule: {claim['rule']}.",
+        ]
+        subs = claim.get("subclaims") or {"(single test)": claim}
+        rows = [
+            [
+                name,
+                fmt(v["mean"]),
+                fmt(v["se"]),
+                fmt(v["threshold"]),
+                ", ".join(fmt(d) for d in v["diffs"]),
+                v["verdict"],
+            ]
+            for name, v in subs.items()
+        ]
+        lines += ["", *table(["test", "mean d", "se", "threshold", "d per seed", "verdict"], rows)]
+        for name, s in claim.get("extra", {}).items():
+            lines.append(f"\n{name}: mean {fmt(s['mean'])}, std {fmt(s['std'])} over {s['n']} seeds.")
+        lines.append("")
+    return lines
+
+
+def sizes_line(results: dict[str, Any]) -> str:
+    p, t, e = results["sizes"]["pairs"], results["sizes"]["train"], results["sizes"]["eval"]
+    pairs = [results["per_seed"][str(s)]["pairing"]["num_pairs"] for s in results["seeds"]]
+    ref = results["reference"]
+    return (
+        f"Seeds {results['seeds']}. Pairs: {p['prompts']} prompts x {p['samples_per_prompt']} reference samples,"
+        f" up to {p['pairs_per_prompt']} pairs per prompt -> {min(pairs)}-{max(pairs)} pairs per seed. Training:"
+        f" {t['epochs']} epochs, batch {t['batch_size']}, AdamW lr {ref['lr']:g} (cosine, 2 warmup steps). Evaluation:"
+        f" {e['prompts']} prompts x {e['samples']} samples per temperature, temperatures {e['temperatures']}."
+        f" Wall time {results['wall']['total_s'] / 60:.1f} min ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in results["wall"]["stages_s"].items())
+        + ")."
+    )
+
+
+def eval_rows(results: dict[str, Any], models: Sequence[str], temps: Sequence[float], keys: Sequence[str]):
+    return [
+        [model, f"{t:g}", *[mean_std(c.seed_values(results, model, t, k)) for k in keys]]
+        for model in ["reference", *models]
+        for t in temps
+    ]
+
+
+def section_hdpo(results: dict[str, Any]) -> list[str]:
+    m = hdpo_alpha_sweep
+    n = results["sizes"]["eval"]["samples"]
+    keys = ["entropy", "unique_answers", "pass@1", f"pass@{n // 4}", f"pass@{n}", "kl_forward"]
+    temps = results["sizes"]["eval"]["temperatures"]
+    lines = [
+        "## 1. H-DPO: alpha sweep on the verifiable task",
+        "",
+        f"Task `{results['task']}` (reverse a word, exact match). Objective `hdpo` with alpha in {results['alphas']},"
+        f" one sweep at each fixed beta in {results['betas']}; alpha = 1 is trained as `dpo` (the same loss)."
+        f" {sizes_line(results)}",
+        "",
+        "Entropy is the policy's mean per-token entropy (nats) on its own samples; unique answers are distinct"
+        " completions among the samples of a prompt; pass@k is the unbiased estimator; KL is the sequential"
+        " forward KL(ref || pi) per response. Cells are mean ± std over seeds; model names end in their beta.",
+        "",
+        "Why a second beta: H-DPO's margin beta*[alpha*(logp_w - logp_l) - (ref_w - ref_l)] equals DPO's margin at"
+        " beta*alpha plus the per-pair constant beta*(alpha - 1)*(ref_w - ref_l), so alpha differs from a rescaled"
+        " beta only through a term proportional to beta. The beta = 1 sweep was added after the beta = 0.1 sweep"
+        " showed almost no effect of alpha.",
+        "",
+    ]
+    for beta in results["betas"]:
+        models = [m.model_name(a, beta) for a in results["alphas"]]
+        lines += [
+            f"### beta = {beta:g}",
+            "",
+            *table(["model", "T", *keys], eval_rows(results, models, temps, keys)),
+        ]
+        lines += ["", *claim_lines(m.claims_at(results, beta))]
+    return lines
+
+
+def section_tdpo(results: dict[str, Any]) -> list[str]:
+    m = tdpo_vs_dpo
+    rows = []
+    for beta in results["betas"]:
+        for objective in results["objectives"]:
+            cells = [mean_std(m.final(results, objective, beta, k)) for k in m.FINAL_KEYS]
+            rows.append([objective, f"{beta:g}", *cells])
+    ref = [results["per_seed"][str(s)]["reference"]["reward"] for s in results["seeds"]]
+    return [
+        "## 2. TDPO vs DPO on controlled sentiment",
+        "",
+        f"Task `{results['task']}` (reward = (positive - negative words) / words, in [-1, 1]). Objectives"
+        f" {results['objectives']} at beta in {results['betas']}, checkpoints every"
+        f" {results['sizes']['train']['checkpoint_every']} steps. {sizes_line(results)} The chosen / rejected KL"
+        f" is TDPO's sequential KL D(x, y; ref || pi) on the first {results['sizes']['kl_pairs']} training pairs,"
+        " measured the same way for every objective; reward, win rate (against the reference's samples) and"
+        " KL(pi || ref), KL(ref || pi) are on the policy's own samples at T=1.",
+        "",
+        f"Reference reward at T=1: {mean_std(ref)}. Final models (mean ± std over seeds):",
+        "",
+        *table(["objective", "beta", *m.FINAL_KEYS], rows),
+        "",
+        *claim_lines(m.claims(results)),
+    ]
+
+
+def section_epsilon(results: dict[str, Any]) -> list[str]:
+    m = epsilon_dpo_beta
+    rows = []
+    for method in results["methods"]:
+        for beta in results["betas"]:
+            name = m.variant(method, beta)
+            cells = [
+                mean_std(c.seed_values(results, name, 1.0, k)) for k in ("reward", "win_rate", "kl_reverse")
+            ]
+            if method == "dpo":
+                cells += ["-", "-", "-"]
+            else:
+                s = m.step_stats(results, method, beta)
+                cells += [
+                    f"{fmt(s[k]['mean'])} ± {fmt(s[k]['std'])}"
+                    for k in ("relaxed_frac", "tightened_frac", "base_beta_last_over_first")
+                ]
+            rows.append([method, f"{beta:g}", *cells])
+    header = [
+        "method",
+        "beta",
+        "reward",
+        "win rate",
+        "KL(pi‖ref)",
+        "relaxed share",
+        "tightened share",
+        "base beta last/first",
+    ]
+    ref = c.seed_values(results, "reference", 1.0, "reward")
+    eps_runs = [m.variant(k, beta) for k in results["methods"] if k != "dpo" for beta in results["betas"]]
+    ratios = [b[-1] / b[0] for name in eps_runs for b in c.logged(results, name, "beta/base")[1]]
+    shares = {
+        key: float(np.mean([np.mean(s) for name in eps_runs for s in c.logged(results, name, key)[1]]))
+        for key in ("beta/relaxed_frac", "beta/tightened_frac")
+    }
+    observation = (
+        f"Over all {len(ratios)} epsilon-DPO runs (methods x betas x seeds) the base beta ended at"
+        f" {min(ratios):.3f}-{max(ratios):.3f} times its initial value and fell in {sum(r < 1 for r in ratios)}"
+        f" of them; the share of relaxed pairs averaged {shares['beta/relaxed_frac']:.3f} over steps and runs,"
+        f" the share of tightened pairs {shares['beta/tightened_frac']:.3f}."
+    )
+    return [
+        "## 3. epsilon-DPO vs DPO across beta",
+        "",
+        f"Task `{results['task']}`. DPO and epsilon-DPO (epsilon 0.01 and 0.05) at beta in {results['betas']}"
+        f" (for epsilon-DPO the initial base beta). {sizes_line(results)} The relaxed / tightened shares are the"
+        " fractions of pairs with s_i = +1 / -1, averaged over training steps; the last column is the base beta"
+        " after training divided by its initial value.",
+        "",
+        f"Reference reward at T=1: {mean_std(ref)}. Final models (mean ± std over seeds):",
+        "",
+        *table(header, rows),
+        "",
+        observation,
+        "",
+        *claim_lines(m.claims(results)),
+    ]
+
+
+def section_combinations(results: dict[str, Any]) -> list[str]:
+    m = combinations
+    n = results["sizes"]["eval"]["samples"]
+    keys = ["entropy", "unique_answers", "pass@1", f"pass@{n // 4}", f"pass@{n}", "kl_forward"]
+    lines = [
+        "## 4. New combinations: H-DPO's alpha with epsilon-DPO and with TDPO2",
+        "",
+        f"Task `{results['task']}`, beta in {results['betas']}. `epsilon_dpo` (epsilon 0.01) and `tdpo2` (alpha 0.5)"
+        f" with `entropy_alpha` in {results['alphas']} (1 = the plain objective), next to DPO and H-DPO with the"
+        f" same alphas. {sizes_line(results)} Metrics at T=1 unless named (mean ± std over seeds); model names end"
+        " in their beta.",
+        "",
+    ]
+    for beta in results["betas"]:
+        models = [m.variant(f, a, beta) for f in results["families"] for a in results["alphas"]]
+        rows = eval_rows(results, models, [1.0], keys)
+        for row, model in zip(rows, ["reference", *models]):
+            row.append(mean_std(c.seed_values(results, model, 0.5, "pass@1")))
+            if model.startswith("epsilon_dpo"):
+                row.append(mean_std([b[-1] / b[0] for b in c.logged(results, model, "beta/base")[1]]))
+            else:
+                row.append("-")
+        lines += [f"### beta = {beta:g}", ""]
+        lines += table(["model", "T", *keys, "pass@1 (T=0.5)", "base beta last/first"], rows)
+        lines += ["", *claim_lines(m.claims_at(results, beta))]
+    return lines
+
+
+SECTIONS: list[tuple[Any, Callable[[dict[str, Any]], list[str]]]] = [
+    (hdpo_alpha_sweep, section_hdpo),
+    (tdpo_vs_dpo, section_tdpo),
+    (epsilon_dpo_beta, section_epsilon),
+    (combinations, section_combinations),
+]
+
+
+def model_line() -> str:
+    """Architecture and parameter count of the shared references, read from the saved models."""
+    from transformers import AutoModelForCausalLM
+
+    parts = []
+    for task in sorted(c.TASKS):
+        folder = c.SHARED / task / "reference"
+        if folder.exists():
+            model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+            cfg = model.config
+            parts.append(
+                f"{task}: {cfg.model_type}, {cfg.num_hidden_layers} layers, width {cfg.hidden_size},"
+                f" {sum(p.numel() for p in model.parameters()):,} parameters"
+            )
+    return "; ".join(parts) or "references not built here"
+
+
+def main() -> None:
+    c.setup()
+    overview, verdict_list, body = [], [], []
+    for module, section in SECTIONS:
+        path = c.RESULTS / f"{module.NAME}.json"
+        if not path.exists():
+            overview.append([f"`{module.NAME}.py`", "not run", "-", "-"])
+            body += [f"## `{module.NAME}`: not run (no {path.relative_to(c.ROOT)})", ""]
+            continue
+        results = c.read_json(path)
+        figures = module.plot(results)
+        claims = module.claims(results)
+        verdicts = [cl["verdict"] for cl in claims]
+        verdict_list += [f"- `{module.NAME}`: {cl['claim']}: **{cl['verdict']}**" for cl in claims]
+        counts = ", ".join(f"{verdicts.count(v)} {v}" for v in ("held", "not held", "unclear"))
+        overview.append(
+            [
+                f"`{module.NAME}.py`",
+                f"{results['wall']['total_s'] / 60:.1f}",
+                str(len(results["seeds"])),
+                counts,
+            ]
+        )
+        body += section(results) + [f"![{f}]({f})" for f in figures] + [""]
+    header = [
+        "# tether experiments",
+        "",
+        "Generated by `python experiments/make_report.py` from `experiments/results/*.json`; every number and"
+        " verdict below is computed from those files (the model sizes from the saved references). Tiny models"
+        f" ({model_line()}) on tether's built-in toy tasks, on a CPU: these are small-scale checks of the papers'"
+        " claims, not reproductions.",
+        "",
+        "**Setup shared by all studies.** One supervised reference per task (built once, SFT seed 0) is reused by"
+        " every run; a seed changes the preference pairs (prompts and reference samples), the data order of"
+        " preference training and the evaluation prompts and samples, so the spread over seeds does not include"
+        " the reference's own variation. Training goes through `tether.train.train` exactly as `tether train`,"
+        " evaluation through `tether.evaluate.run_eval`. The preference learning rate of each task was chosen by"
+        " a short one-seed DPO sweep before the studies (experiments/README.md): larger rates collapsed the"
+        " policies.",
+        "",
+        f"**Verdict rule.** Each claim is turned into per-seed paired differences d (one per seed, positive in the"
+        f" claim's direction) and a threshold t. With m = mean(d) and se = std(d) / sqrt(n): **held** if"
+        f" m - {c.Z_SE:g}·se > t; **not held** if m <= t; **unclear** otherwise (the mean is on the claim's side"
+        " but the interval reaches t). With 3-5 seeds the interval is approximate (it is not a t-interval)."
+        " For claims that one setting is higher than another, t is the smallest difference counted as an"
+        " effect: "
+        + ", ".join(f"{k} {v:g}" for k, v in c.MATERIAL.items())
+        + " (units in `common.MATERIAL`);"
+        ' for "matches or beats" claims t is minus a stated tolerance.',
+        "",
+        *table(["study", "wall time (min)", "seeds", "verdicts"], overview),
+        "",
+        *verdict_list,
+        "",
+        "The studies ran concurrently on a machine with 2 CPU cores shared with other work (one torch thread"
+        " each), so each wall time includes waiting for the cores.",
+        "",
+    ]
+    (c.ROOT / "REPORT.md").write_text("\n".join(header + body))
+    print(f"wrote {c.ROOT / 'REPORT.md'}")
+
+
+if __name__ == "__main__":
+    main()
