@@ -510,7 +510,7 @@ def test_stale_reference_cache_is_rebuilt(tmp_path, train_yaml, make_model, tiny
 
 
 def _poison(monkeypatch, at_step: int, row: int = 0):
-    """At optimizer step `at_step`, write NaN into the last decoder layer's hidden states of one sequence: row
+    """At optimizer step `at_step`, write NaN into the input embeddings of one sequence: row
     `row` of that step's concatenated batch (one micro-batch per step in these tests).
 
     The row is found by its tokens, not its position, so this holds however the forward groups the rows;
@@ -528,26 +528,21 @@ def _poison(monkeypatch, at_step: int, row: int = 0):
             state["target"] = batch.input_ids[row, : int(batch.attention_mask[row].sum())]
         return compute(policy, head_owner, reference, batch, *args)
 
-    def remember_inputs(module, args, kwargs):
-        state["inputs"] = (kwargs["input_ids"], kwargs.get("attention_mask"))
-
-    def layer_hook(module, args, output):
+    def embed_hook(module, args, output):
         target = state["target"]
         if target is None or not torch.is_grad_enabled():
             return None
-        ids, mask = state["inputs"]
-        lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
-        hits = [r for r, n in enumerate(lengths) if n == len(target) and torch.equal(ids[r, :n], target)]
+        ids, n = args[0], len(target)
+        hits = [r for r in range(ids.shape[0]) if ids.shape[1] >= n and torch.equal(ids[r, :n], target)]
         if not hits:
             return None
-        hidden = (output[0] if isinstance(output, tuple) else output).clone()
-        hidden[hits] = float("nan")
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        output = output.clone()
+        output[hits] = float("nan")
+        return output
 
     def poisoned(*args, **kwargs):
         model = load(*args, **kwargs)
-        model.register_forward_pre_hook(remember_inputs, with_kwargs=True)
-        model.model.layers[-1].register_forward_hook(layer_hook)
+        model.get_input_embeddings().register_forward_hook(embed_hook)
         return model
 
     monkeypatch.setattr(tether.train, "compute_pair_stats", counting)

@@ -98,8 +98,11 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> torch.Tenso
     On CPU, an unwrapped model (a `PreTrainedModel` or a PEFT model) runs one forward per distinct row length
     over the real tokens only: a right-padded row's real positions do not depend on its padding (causal
     attention, positions 0..L-1), so the values are the same and no FLOPs go to padding. Its padding positions
-    then hold zeros; every caller reads real positions only. On other devices, and for DDP/FSDP/DeepSpeed
-    wrappers (which expect one forward per backward), the padded batch runs in one call.
+    then hold zeros; every caller reads real positions only. The input embedding is looked up once for the
+    whole batch and each forward gets its rows' `inputs_embeds`, so backward builds one dense (V, H)
+    embedding gradient per call, not one per row length (benchmarks/profile_tether.py). On other devices,
+    and for DDP/FSDP/DeepSpeed wrappers (which expect one forward per backward), the padded batch runs in one
+    call. Either way the input embedding runs once per call of this function.
     """
     lengths = (
         _right_padded_lengths(batch.attention_mask) if _runs_rows_separately(model, batch.input_ids) else None
@@ -107,10 +110,11 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> torch.Tenso
     if lengths is None:
         return _hidden(model, batch.input_ids, batch.attention_mask)
     rows, width = batch.input_ids.shape
+    embeds = model.get_input_embeddings()(batch.input_ids)  # (2B, T, H)
     order, parts = [], []
     for length in sorted(set(lengths), reverse=True):
         index = [r for r in range(rows) if lengths[r] == length]
-        hidden = _hidden(model, batch.input_ids[index, :length], None)  # (g, length, H), no padding
+        hidden = _hidden(model, inputs_embeds=embeds[index, :length])  # (g, length, H), no padding
         parts.append(nn.functional.pad(hidden, (0, 0, 0, width - length)))
         order.extend(index)
     stacked = torch.cat(parts)  # rows in `order`
@@ -119,10 +123,16 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> torch.Tenso
     return stacked[inverse.to(stacked.device)]
 
 
-def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        inputs_embeds=inputs_embeds,
         output_hidden_states=True,
         use_cache=False,
         logits_to_keep=1,

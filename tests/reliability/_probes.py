@@ -4,7 +4,8 @@ In-process: `monkeypatch.setattr(tether.train, "load_causal_lm", make_loader(tet
 As a script (under `python` or `torchrun`): `python _probes.py train CONFIG [key=value ...] [--resume]` runs
 `tether.cli.main` with the probes chosen by environment variables:
 
-  RELIABILITY_NAN_FORWARD=N  the N-th policy forward with gradient (1-based, counted per process) gets NaN in
+  RELIABILITY_NAN_FORWARD=N  the N-th policy forward with gradient (1-based, counted per process, one per
+                             micro-batch: the input embedding runs once per forward) gets NaN in
                              row RELIABILITY_NAN_ROW (default 0) of its input embeddings: that one sequence's
                              loss is NaN, the other rows of the micro-batch stay finite
   RELIABILITY_NAN_RANK=R     inject only on the process with RANK R (default: every process)
@@ -49,7 +50,7 @@ def install(
     """Register the probes on `model`; returns the live counter {"forwards": policy forwards so far}."""
     state = {"forwards": 0}
 
-    def pre_hook(module, args, kwargs):
+    def pre_hook(module, args):
         if not torch.is_grad_enabled():
             return None
         state["forwards"] += 1
@@ -70,7 +71,9 @@ def install(
             return torch.full_like(grad, float("nan"))
         return None
 
-    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    # The input embedding runs once per policy forward of a micro-batch (`final_hidden_states`), whether the
+    # batch runs in one model call or in one call per row length.
+    model.get_input_embeddings().register_forward_pre_hook(pre_hook)
     model.get_input_embeddings().register_forward_hook(embed_hook)
     if nan_grad_forward:
         model.get_output_embeddings().weight.register_hook(grad_hook)
