@@ -17,18 +17,24 @@ from tether.demo import DEMO_OBJECTIVES
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+def _tether(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`tether ARGS` in a fresh process, offline, as a user runs it; asserts that it succeeded."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tether.cli", "demo", "--quick", "--no-progress", "--output", str(out)],
+        [sys.executable, "-m", "tether.cli", *args],
         capture_output=True,
         text=True,
         timeout=900,
+        cwd=cwd,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, _tether("demo", "--quick", "--no-progress", "--output", str(out))
 
 
 def _table(report: str, header_start: str) -> list[list[str]]:
@@ -97,28 +103,19 @@ def test_examples_train_on_the_demo_outputs(demo, tmp_path, example):
     out, _ = demo
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tether.cli",
-            "train",
-            str(root / "examples" / example),
-            f"output_dir={run}",
-            f"model.path={out / 'reference'}",
-            f"data.train={out / 'data' / 'pairs.jsonl'}",
-            "optim.max_steps=3",
-            "optim.batch_size=4",
-            "optim.grad_accum=1",
-            "logging.progress=false",
-            "logging.every=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _tether(
+        "train",
+        str(root / "examples" / example),
+        f"output_dir={run}",
+        f"model.path={out / 'reference'}",
+        f"data.train={out / 'data' / 'pairs.jsonl'}",
+        "optim.max_steps=3",
+        "optim.batch_size=4",
+        "optim.grad_accum=1",
+        "logging.progress=false",
+        "logging.every=1",
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(math.isfinite(m["loss"]) for m in metrics)
@@ -134,28 +131,19 @@ def test_eval_example_on_the_demo_outputs(demo, tmp_path):
     models = ",".join(
         f"{{name: {name}, path: {out / 'runs' / name / 'final'}}}" for name in ("dpo", "hdpo_a0.8", "tdpo2")
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tether.cli",
-            "eval",
-            str(root / "examples" / "eval_toy.yaml"),
-            f"models=[{models}]",
-            f"reference={out / 'reference'}",
-            f"output_dir={tmp_path / 'eval'}",
-            "num_prompts=8",
-            "n_samples=4",
-            "k=[1,4]",
-            "temperatures=[1.0]",
-            "progress=false",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _tether(
+        "eval",
+        str(root / "examples" / "eval_toy.yaml"),
+        f"models=[{models}]",
+        f"reference={out / 'reference'}",
+        f"output_dir={tmp_path / 'eval'}",
+        "num_prompts=8",
+        "n_samples=4",
+        "k=[1,4]",
+        "temperatures=[1.0]",
+        "progress=false",
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert set(result["models"]) == {"reference", "dpo", "hdpo_a0.8", "tdpo2"}
     for entry in result["models"].values():
