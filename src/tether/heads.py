@@ -74,13 +74,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(n, H) x (V, H) -> (n, V) logits in at least float32 (the matmul runs in the hidden states' dtype)."""
-    z = hidden @ weight.to(hidden.dtype).t()
-    z = z.to(_compute_dtype(z.dtype))
-    if bias is not None:
-        z = z + bias.to(z.dtype)
-    return z
+_FIELDS = ("logps", "ref_logps", "kl", "relaxed_logps", "tightened_logps", "entropy")  # TokenStats order
+
+
+def _present(request: StatRequest, has_ref: bool) -> dict[str, bool]:
+    """Which `TokenStats` fields a request computes."""
+    perturbed = request.epsilon is not None
+    return {
+        "logps": True,
+        "ref_logps": has_ref,
+        "kl": request.kl,
+        "relaxed_logps": perturbed,
+        "tightened_logps": perturbed,
+        "entropy": request.entropy,
+    }
 
 
 def _gather(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -136,7 +143,10 @@ def token_stats_from_logits(
 def _logits_into(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
-    """`_logits` written into a preallocated (n, V) buffer: no new (n, V) allocation per chunk."""
+    """(n, H) x (V, H) -> (n, V) logits written into a preallocated buffer `out` (no new allocation per chunk).
+
+    The matmul runs in the hidden states' dtype; `out` (the compute dtype, >= float32) receives the result.
+    """
     if out.dtype == hidden.dtype:
         torch.mm(hidden, weight.t(), out=out)
     else:
@@ -227,10 +237,8 @@ class _ChunkedHead(torch.autograd.Function):
         weight_c = weight.to(hidden.dtype)
         ref_weight_c = ref_weight.to(hidden.dtype) if has_ref else None
         buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(4 if joint else 2)]
-        names = ("logps", "ref_logps", "kl", "relaxed_logps", "tightened_logps", "entropy")
-        present = (True, has_ref, request.kl, request.epsilon is not None, request.epsilon is not None)
-        present = (*present, request.entropy)
-        out = {k: torch.empty(n, dtype=dtype, device=device) if p else None for k, p in zip(names, present)}
+        present = _present(request, has_ref)
+        out = {k: torch.empty(n, dtype=dtype, device=device) if present[k] else None for k in _FIELDS}
         lse = torch.empty(n, dtype=dtype, device=device)
         lse_ref = torch.empty(n if has_ref else 0, dtype=dtype, device=device)
         for start in range(0, n, step):
@@ -259,7 +267,7 @@ class _ChunkedHead(torch.autograd.Function):
         ctx.request = request
         ctx.chunk_size = chunk_size
         # Outputs must be tensors: absent statistics come back as empty tensors and are mapped to None.
-        results = [out[k] if out[k] is not None else hidden.new_empty(0, dtype=dtype) for k in names]
+        results = [out[k] if out[k] is not None else hidden.new_empty(0, dtype=dtype) for k in _FIELDS]
         ctx.mark_non_differentiable(*[r for i, r in enumerate(results) if i not in (0, 2)])
         return tuple(results)
 
@@ -360,16 +368,8 @@ def token_stats(
         outputs = _ChunkedHead.apply(
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, request, chunk_size
         )
-    names = ("logps", "ref_logps", "kl", "relaxed_logps", "tightened_logps", "entropy")
-    present = {
-        "logps": True,
-        "ref_logps": ref_hidden is not None,
-        "kl": request.kl,
-        "relaxed_logps": request.epsilon is not None,
-        "tightened_logps": request.epsilon is not None,
-        "entropy": request.entropy,
-    }
-    return TokenStats(**{n: (o if present[n] else None) for n, o in zip(names, outputs)})
+    present = _present(request, ref_hidden is not None)
+    return TokenStats(**{n: (o if present[n] else None) for n, o in zip(_FIELDS, outputs)})
 
 
 def response_positions(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
