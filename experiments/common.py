@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tether.train import read_metrics
+
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs"
 RESULTS = ROOT / "results"
@@ -242,12 +244,6 @@ def train_policy(
     shutil.rmtree(run_dir, ignore_errors=True)
     train(config)
     return run_dir
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-step records of a run's metrics.jsonl."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line]
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

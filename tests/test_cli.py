@@ -10,12 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tether.cli import main
+from tether.train import read_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tether.config import ConfigError, load_config
-from tether.train import NonFiniteError, complete_checkpoints, step_pairs, train
+from tether.train import NonFiniteError, complete_checkpoints, read_metrics, step_pairs, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DPO_FAMILY = ["dpo", "ipo", "cdpo", "hdpo", "epsilon_dpo", "tdpo1", "tdpo2"]
@@ -45,10 +45,6 @@ def _config(train_yaml, name="run", overrides=(), **kwargs):
     """(TrainConfig, yaml path) of the conftest `train_yaml` config `name`, with key=value overrides."""
     path = train_yaml(name, **kwargs)
     return load_config(path, list(overrides)), path
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def load_weights(folder) -> dict[str, torch.Tensor]:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tether.train import read_metrics
+
 DEMO_OBJECTIVES: list[tuple[str, list[str]]] = [
     ("dpo", ["objective.name=dpo"]),
     ("hdpo_a0.8", ["objective.name=hdpo", "objective.alpha=0.8"]),
@@ -169,11 +171,6 @@ def _fresh(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _read_metrics(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
 def _plot_training(out: Path, runs: dict[str, Path]) -> list[Path]:
     import matplotlib
 
@@ -188,7 +185,7 @@ def _plot_training(out: Path, runs: dict[str, Path]) -> list[Path]:
     ]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     for name, run in runs.items():
-        metrics = _read_metrics(run)
+        metrics = read_metrics(run)
         steps = [m["step"] for m in metrics]
         for ax, (key, _) in zip(axes, keys):
             values = [m.get(key) for m in metrics]  # null (a skipped step) plots as a gap
@@ -260,7 +257,7 @@ def _write_report(
         "|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
-        last = _read_metrics(run)[-1]
+        last = read_metrics(run)[-1]
         lines.append(
             f"| {name} | {last['step']} | {_fmt(last.get('loss'))} | {_fmt(last.get('rewards/accuracies'))} |"
             f" {_fmt(last.get('rewards/margins'))} | {_fmt(last.get('entropy/chosen'))} |"

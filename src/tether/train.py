@@ -552,6 +552,12 @@ def _grad_norm(params) -> torch.Tensor:
     return torch.stack(norms).norm() if norms else torch.zeros(())
 
 
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's `metrics.jsonl`, one per logged step (non-finite values are None)."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the metric lines of steps <= step (the run redoes the later ones).
 
