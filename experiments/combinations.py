@@ -53,20 +53,9 @@ def run() -> dict[str, Any]:
     per_seed = c.run_variants(
         NAME, TASK, variants, SEEDS, PAIRS, TRAIN, EVAL, "verifier", timer, log_keys=LOG_KEYS
     )
-    results = {
-        "study": NAME,
-        "task": TASK,
-        "families": list(FAMILIES),
-        "alphas": list(ALPHAS),
-        "betas": list(BETAS),
-        "seeds": list(SEEDS),
-        "sizes": {"pairs": PAIRS.__dict__, "train": TRAIN.__dict__, "eval": EVAL.__dict__},
-        "reference": c.reference_info(TASK),
-        "per_seed": per_seed,
-        "wall": timer.as_dict(),
-    }
-    c.write_json(c.RESULTS / f"{NAME}.json", results)
-    return results
+    sizes = c.run_sizes(PAIRS, TRAIN, EVAL)
+    fields = {"families": list(FAMILIES), "alphas": list(ALPHAS), "betas": list(BETAS)}
+    return c.save_results(NAME, TASK, SEEDS, sizes, per_seed, timer, **fields)
 
 
 # --- analysis (also run by make_report.py from the JSON) ---------------------------------------------------

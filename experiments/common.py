@@ -151,6 +151,38 @@ def reference_info(task_name: str) -> dict[str, Any]:
     return {**read_json(SHARED / task_name / "reference.json"), **asdict(TASKS[task_name])}
 
 
+def save_results(
+    study: str,
+    task: str,
+    seeds: Sequence[int],
+    sizes: dict[str, Any],
+    per_seed: Any,
+    timer: Any,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Write results/<study>.json in the layout make_report.py reads; returns it.
+
+    fields: the study's own axes (betas, alphas, ...), stored between "task" and "seeds".
+    """
+    results = {
+        "study": study,
+        "task": task,
+        **fields,
+        "seeds": list(seeds),
+        "sizes": sizes,
+        "reference": reference_info(task),
+        "per_seed": per_seed,
+        "wall": timer.as_dict(),
+    }
+    write_json(RESULTS / f"{study}.json", results)
+    return results
+
+
+def run_sizes(pairs: Any, train: Any, evaluation: Any, **extra: Any) -> dict[str, Any]:
+    """The "sizes" entry of a results file: the dataclasses' fields, plus study-specific sizes."""
+    return {"pairs": pairs.__dict__, "train": train.__dict__, "eval": evaluation.__dict__, **extra}
+
+
 @dataclass(frozen=True)
 class PairSizes:
     prompts: int  # prompts sampled for pairs

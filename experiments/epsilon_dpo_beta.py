@@ -60,20 +60,9 @@ def run() -> dict[str, Any]:
         eval_keys=("reward", "win_rate", "kl_forward", "kl_reverse", "entropy"),
         log_keys=LOG_KEYS,
     )
-    results = {
-        "study": NAME,
-        "task": TASK,
-        "methods": list(METHODS),
-        "betas": list(BETAS),
-        "one_beta": ONE_BETA,
-        "seeds": list(SEEDS),
-        "sizes": {"pairs": PAIRS.__dict__, "train": TRAIN.__dict__, "eval": EVAL.__dict__},
-        "reference": c.reference_info(TASK),
-        "per_seed": per_seed,
-        "wall": timer.as_dict(),
-    }
-    c.write_json(c.RESULTS / f"{NAME}.json", results)
-    return results
+    sizes = c.run_sizes(PAIRS, TRAIN, EVAL)
+    fields = {"methods": list(METHODS), "betas": list(BETAS), "one_beta": ONE_BETA}
+    return c.save_results(NAME, TASK, SEEDS, sizes, per_seed, timer, **fields)
 
 
 # --- analysis (also run by make_report.py from the JSON) ---------------------------------------------------

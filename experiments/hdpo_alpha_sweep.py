@@ -45,19 +45,8 @@ def run() -> dict[str, Any]:
     per_seed = c.run_variants(
         NAME, TASK, variants, SEEDS, PAIRS, TRAIN, EVAL, "verifier", timer, log_keys=("entropy/chosen",)
     )
-    results = {
-        "study": NAME,
-        "task": TASK,
-        "alphas": list(ALPHAS),
-        "betas": list(BETAS),
-        "seeds": list(SEEDS),
-        "sizes": {"pairs": PAIRS.__dict__, "train": TRAIN.__dict__, "eval": EVAL.__dict__},
-        "reference": c.reference_info(TASK),
-        "per_seed": per_seed,
-        "wall": timer.as_dict(),
-    }
-    c.write_json(c.RESULTS / f"{NAME}.json", results)
-    return results
+    sizes = c.run_sizes(PAIRS, TRAIN, EVAL)
+    return c.save_results(NAME, TASK, SEEDS, sizes, per_seed, timer, alphas=list(ALPHAS), betas=list(BETAS))
 
 
 # --- analysis (also run by make_report.py from the JSON) ---------------------------------------------------

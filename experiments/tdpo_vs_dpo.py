@@ -92,25 +92,9 @@ def run() -> dict[str, Any]:
             "reference": {m: ref_row[m] for m in ("reward", "entropy")},
             "runs": runs,
         }
-    results = {
-        "study": NAME,
-        "task": TASK,
-        "objectives": list(OBJECTIVES),
-        "betas": list(BETAS),
-        "main_beta": MAIN_BETA,
-        "seeds": list(SEEDS),
-        "sizes": {
-            "pairs": PAIRS.__dict__,
-            "train": TRAIN.__dict__,
-            "eval": EVAL.__dict__,
-            "kl_pairs": KL_PAIRS,
-        },
-        "reference": c.reference_info(TASK),
-        "per_seed": per_seed,
-        "wall": timer.as_dict(),
-    }
-    c.write_json(c.RESULTS / f"{NAME}.json", results)
-    return results
+    sizes = c.run_sizes(PAIRS, TRAIN, EVAL, kl_pairs=KL_PAIRS)
+    fields = {"objectives": list(OBJECTIVES), "betas": list(BETAS), "main_beta": MAIN_BETA}
+    return c.save_results(NAME, TASK, SEEDS, sizes, per_seed, timer, **fields)
 
 
 # --- analysis (also run by make_report.py from the JSON) ---------------------------------------------------
