@@ -303,7 +303,7 @@ def _tether_config(spec: dict):
     return cfg
 
 
-def full_logits_pair_stats(policy, head_owner, reference, batch, indices, request, chunk_size):
+def full_logits_pair_stats(policy, reference, batch, indices, request, chunk_size, split_rows=True):
     """`compute_pair_stats` through full logits: the model's normal forward + `token_stats_from_logits`."""
     import torch
 
@@ -322,11 +322,12 @@ def full_logits_pair_stats(policy, head_owner, reference, batch, indices, reques
 def _run_tether(spec: dict, probe_box: list) -> dict:
     import torch
 
+    import tether.modeling
     import tether.train
 
     probe_box.append(StepProbe(torch.optim.AdamW))
     if spec["lib"] == "full":
-        tether.train.compute_pair_stats = full_logits_pair_stats
+        tether.modeling.compute_pair_stats = full_logits_pair_stats
     cfg = _tether_config(spec)
     tether.train.train(cfg)
     lines = (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()

@@ -70,10 +70,16 @@ def make_model():
     return save_tiny_model
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_pairs():
     """write_pairs(path, n, seed=0) -> path."""
     return write_pairs
+
+
+@pytest.fixture(scope="session")
+def config_dict():
+    """base_config(model_dir, pairs, output_dir, **sections) -> the config as a dict (for module-scoped runs)."""
+    return base_config
 
 
 def base_config(model_dir: Path, pairs: Path, output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -400,9 +400,8 @@ def test_adapter_reference_equals_frozen_base_per_pair(tiny_model_dir, pairs_fil
     indices = [0, 1, 2, 3, 4]
     batch = PreferenceCollator(tokenizer.pad_token_id)([dataset[i] for i in indices])
     request = stat_request(build_objective("tdpo2"), entropy=True)
-    head_owner = policy
-    a = compute_pair_stats(policy, head_owner, AdapterReference(policy), batch, indices, request, 7)
-    b = compute_pair_stats(policy, head_owner, frozen, batch, indices, request, 7)
+    a = compute_pair_stats(policy, AdapterReference(policy), batch, indices, request, 7)
+    b = compute_pair_stats(policy, frozen, batch, indices, request, 7)
     assert (
         float((a.policy_chosen_logps - a.ref_chosen_logps).detach().abs().max()) > 1e-3
     )  # policy != reference
@@ -512,17 +511,18 @@ def _poison(monkeypatch, at_step: int, row: int = 0):
     The row is found by its tokens, not its position, so this holds however the forward groups the rows;
     only forwards with grad (the policy's) are touched, not the reference's.
     """
+    import tether.modeling
     import tether.train
 
     state = {"step": 0, "target": None, "inputs": None}
-    compute, load = tether.train.compute_pair_stats, tether.train.load_causal_lm
+    compute, load = tether.modeling.compute_pair_stats, tether.train.load_causal_lm
 
-    def counting(policy, head_owner, reference, batch, *args):
+    def counting(policy, reference, batch, *args):
         state["step"] += 1
         state["target"] = None
         if state["step"] == at_step:
             state["target"] = batch.input_ids[row, : int(batch.attention_mask[row].sum())]
-        return compute(policy, head_owner, reference, batch, *args)
+        return compute(policy, reference, batch, *args)
 
     def embed_hook(module, args, output):
         target = state["target"]
@@ -541,7 +541,7 @@ def _poison(monkeypatch, at_step: int, row: int = 0):
         model.get_input_embeddings().register_forward_hook(embed_hook)
         return model
 
-    monkeypatch.setattr(tether.train, "compute_pair_stats", counting)
+    monkeypatch.setattr(tether.modeling, "compute_pair_stats", counting)
     monkeypatch.setattr(tether.train, "load_causal_lm", poisoned)
 
 
@@ -584,24 +584,25 @@ def test_nonfinite_step_raises_naming_step_and_row(train_yaml, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kind, stage, refused",
-    [("FSDP", None, True), ("DEEPSPEED", 3, True), ("DEEPSPEED", 2, False), ("MULTI_CPU", None, False)],
+    "kind, stage, expected",
+    [
+        ("FSDP", None, "fsdp"),
+        ("DEEPSPEED", 3, "zero3"),
+        ("DEEPSPEED", 2, "deepspeed"),
+        ("MULTI_CPU", None, "plain"),
+        ("NO", None, "plain"),
+    ],
 )
-def test_parameter_sharding_is_refused_with_the_reason(kind, stage, refused):
-    """FSDP and ZeRO-3 shard lm_head, which the chunked head reads outside forward: refused before loading."""
+def test_engine_kind(kind, stage, expected):
+    """FSDP and ZeRO-3 shard parameters; ZeRO-1/2 keep them whole but step inside backward; DDP is plain."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    from tether.config import ConfigError
-    from tether.train import _require_supported_sharding
+    from tether.train import _engine
 
     accelerator = SimpleNamespace(
         distributed_type=DistributedType[kind],
         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)),
     )
-    if refused:
-        with pytest.raises(ConfigError, match="lm_head"):
-            _require_supported_sharding(accelerator)
-    else:
-        _require_supported_sharding(accelerator)
+    assert _engine(accelerator) == expected

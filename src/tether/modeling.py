@@ -8,6 +8,7 @@ selected, and `tether.heads.token_stats` applies the output embedding chunk by c
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,20 +93,22 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
-def final_hidden_states(model: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
-    """(2B, T, H) final (normed) hidden states, through the model's own forward (DDP/FSDP hooks run).
+def final_hidden_states(model: nn.Module, batch: PreferenceBatch, split_rows: bool = True) -> torch.Tensor:
+    """(2B, T, H) final (normed) hidden states of an unwrapped causal LM (or PEFT model), through its forward.
 
-    On CPU, an unwrapped model (a `PreTrainedModel` or a PEFT model) runs one forward per distinct row length
-    over the real tokens only: a right-padded row's real positions do not depend on its padding (causal
-    attention, positions 0..L-1), so the values are the same and no FLOPs go to padding. Its padding positions
-    then hold zeros; every caller reads real positions only. The input embedding is looked up once for the
-    whole batch and each forward gets its rows' `inputs_embeds`, so backward builds one dense (V, H)
-    embedding gradient per call, not one per row length (benchmarks/profile_tether.py). On other devices,
-    and for DDP/FSDP/DeepSpeed wrappers (which expect one forward per backward), the padded batch runs in one
-    call. Either way the input embedding runs once per call of this function.
+    On CPU with split_rows, the model runs one forward per distinct row length over the real tokens only: a
+    right-padded row's real positions do not depend on its padding (causal attention, positions 0..L-1), so
+    the values are the same and no FLOPs go to padding. Its padding positions then hold zeros; every caller
+    reads real positions only. The input embedding is looked up once for the whole batch and each forward
+    gets its rows' `inputs_embeds`, so backward builds one dense (V, H) embedding gradient per call, not one
+    per row length (benchmarks/profile_tether.py). On other devices, and without split_rows (FSDP and
+    DeepSpeed ZeRO-3 expect each sharded layer to run once per forward), the padded batch runs in one call.
+    Either way the input embedding runs once per call of this function.
     """
     lengths = (
-        _right_padded_lengths(batch.attention_mask) if _runs_rows_separately(model, batch.input_ids) else None
+        _right_padded_lengths(batch.attention_mask)
+        if split_rows and batch.input_ids.device.type == "cpu"
+        else None
     )
     if lengths is None:
         return _hidden(model, batch.input_ids, batch.attention_mask)
@@ -150,36 +153,25 @@ def _right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
     return lengths if min(lengths, default=0) > 0 else None
 
 
-def _runs_rows_separately(model: nn.Module, input_ids: torch.Tensor) -> bool:
-    """Split the batch by row length: on CPU (no kernel-launch cost) for models that are not DDP/FSDP wrapped."""
-    from transformers import PreTrainedModel
-
-    if input_ids.device.type != "cpu":
-        return False
-    fsdp2 = getattr(torch.distributed, "fsdp", None)
-    if fsdp2 is not None and isinstance(model, getattr(fsdp2, "FSDPModule", ())):
-        return False
-    return isinstance(model, PreTrainedModel) or getattr(model, "peft_config", None) is not None
-
-
 def compute_pair_stats(
-    policy: nn.Module,
-    head_owner: nn.Module,
+    model: nn.Module,
     reference: Reference,
     batch: PreferenceBatch,
     indices: list[int],
     request: StatRequest,
     chunk_size: int,
+    split_rows: bool = True,
 ) -> PairStats:
     """Policy forward with gradient, reference statistics without, chunked head -> PairStats of the batch.
 
-    policy: the (possibly wrapped) model to call; head_owner: the unwrapped model owning the output head.
-    indices: dataset indices of the batch's pairs (for cached references).
+    model: the unwrapped policy (a causal LM or PEFT model); under DDP, FSDP or DeepSpeed call it through
+    `PolicyStatistics`, whose forward runs this function. indices: dataset indices of the batch's pairs
+    (for cached references). split_rows: see `final_hidden_states`.
     """
     mask, targets = response_positions(batch.labels)
     ref_hidden = reference.hidden(batch, indices, mask)  # (N, H) or None, computed without grad
-    hidden = final_hidden_states(policy, batch)[:, :-1][mask]  # (N, H)
-    weight, bias = output_head(head_owner)
+    hidden = final_hidden_states(model, batch, split_rows)[:, :-1][mask]  # (N, H)
+    weight, bias = output_head(model)
     ref_weight, ref_bias = reference.head() if ref_hidden is not None else (None, None)
     tokens = token_stats(
         hidden,
@@ -194,3 +186,59 @@ def compute_pair_stats(
     )
     ref_seq = None if ref_hidden is not None else reference.sequence_logps(batch, indices, mask)
     return pair_stats(tokens, mask, ref_sequence_logps=ref_seq)
+
+
+class PolicyStatistics(nn.Module):
+    """The policy and its chunked head as one module: what DDP, FSDP or DeepSpeed wrap in `tether train`.
+
+    FSDP and DeepSpeed ZeRO-3 shard every parameter and gather a module's parameters only around that
+    module's forward. The chunked head reads the output embedding's weight directly (it never calls
+    lm_head, which would materialize the full logits), so it must run inside the forward of the module the
+    sharding is applied to: this one. Under FSDP the output embedding, input embedding and final norm stay
+    in the root unit (this class deliberately has no `get_output_embeddings`, so accelerate does not carve
+    lm_head into a unit of its own, gathered only when lm_head's forward runs); under ZeRO-3 `tether.train`
+    registers lm_head's parameters as external parameters of this module.
+
+    The module's children are the causal LM's own children (the same objects, not copies), so parameter
+    names and state_dict keys are the model's: (DDP) checkpoints load with `from_pretrained`, and accelerate's
+    FSDP auto-wrap finds the decoder layers through `_no_split_modules`. The causal LM itself is held as a
+    plain attribute, `causal_lm`, and its forward is what `forward` calls.
+
+    split_rows: allow one forward per row length on CPU (`final_hidden_states`); off under FSDP/ZeRO-3.
+    """
+
+    def __init__(self, causal_lm: nn.Module, split_rows: bool = True):
+        super().__init__()
+        object.__setattr__(self, "causal_lm", causal_lm)  # not registered: its children are ours
+        for name, child in causal_lm.named_children():
+            self.add_module(name, child)
+        for name, param in causal_lm.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        self._no_split_modules = getattr(causal_lm, "_no_split_modules", None)
+        self.split_rows = split_rows
+
+    def train(self, mode: bool = True) -> PolicyStatistics:
+        super().train(mode)
+        self.causal_lm.train(mode)
+        return self
+
+    def forward(
+        self,
+        reference: Reference,
+        batch: PreferenceBatch,
+        indices: list[int],
+        request: StatRequest,
+        chunk_size: int,
+    ) -> dict[str, torch.Tensor]:
+        """The batch's `PairStats` as a dict of its tensors (`PairStats(**out)` rebuilds it): wrappers find the
+        outputs' tensors in dicts, not in dataclasses, and ZeRO-3 re-gathers the head weight for backward
+        through hooks on those tensors."""
+        # FSDP1's auto-wrap may replace one of our top-level children with its wrapped version (it sets the
+        # attribute on the parent it walked, this module): the causal LM must call the wrapped one.
+        for name, child in self.named_children():
+            if self.causal_lm._modules.get(name) is not child:
+                self.causal_lm._modules[name] = child
+        stats = compute_pair_stats(
+            self.causal_lm, reference, batch, indices, request, chunk_size, self.split_rows
+        )
+        return {f.name: getattr(stats, f.name) for f in fields(stats) if getattr(stats, f.name) is not None}

@@ -64,8 +64,9 @@ class ModelReference(Reference):
 class AdapterReference(Reference):
     """The LoRA policy with its adapters disabled: the initial model without a second copy in memory."""
 
-    def __init__(self, peft_model: nn.Module):
+    def __init__(self, peft_model: nn.Module, split_rows: bool = True):
         self.model = peft_model
+        self.split_rows = split_rows  # as the policy's forward (`tether.modeling.final_hidden_states`)
 
     @torch.no_grad()
     def hidden(self, batch, indices, mask):
@@ -73,7 +74,7 @@ class AdapterReference(Reference):
             was_training = self.model.training
             self.model.eval()
             try:
-                return final_hidden_states(self.model, batch)[:, :-1][mask]
+                return final_hidden_states(self.model, batch, self.split_rows)[:, :-1][mask]
             finally:
                 self.model.train(was_training)
 

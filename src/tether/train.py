@@ -11,8 +11,12 @@ Assumptions, stated once:
   one (a repeated pair with weight 0) so collectives never hang.
 - Checkpoints are only written at optimizer-step boundaries, into `step-N.partial/`, renamed to `step-N/` once
   complete (N zero-padded to 8 digits: `step-00000010/`, so names sort by step); `state.json` is written
-  last, and only folders with it are ever loaded. A checkpoint also loads
-  as a model with `AutoModelForCausalLM.from_pretrained` (config.json + tokenizer, or the LoRA adapter).
+  last, and only folders with it are ever loaded. Without parameter sharding a checkpoint also loads as a
+  model with `AutoModelForCausalLM.from_pretrained` (config.json + tokenizer, or the LoRA adapter); under FSDP
+  or DeepSpeed it holds accelerate's sharded state, for --resume only. The final model is always a full
+  `save_pretrained` folder.
+- The model is trained through `tether.modeling.PolicyStatistics`, whose forward runs the policy and the
+  chunked head, so DDP, FSDP and DeepSpeed see the head inside the forward they wrap.
 - metrics.jsonl holds one strict-JSON line per logged step (non-finite values as null); a resumed or restarted
   run first drops the lines after its start step.
 - The reference cache (reference.mode=cache) records what it was built from and is rebuilt when that changed.
@@ -36,12 +40,12 @@ import torch
 
 from tether.config import ConfigError, TrainConfig, config_fingerprint, save_config
 from tether.modeling import (
-    compute_pair_stats,
+    PolicyStatistics,
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
 )
-from tether.objectives import EpsilonDPO
+from tether.objectives import EpsilonDPO, PairStats
 from tether.reference import (
     AdapterReference,
     CachedReference,
@@ -103,10 +107,18 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 def _save_checkpoint(
-    accelerator, folder: Path, step: int, state: dict[str, Any], keep_last: int, model, tokenizer
+    accelerator,
+    folder: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int,
+    model,
+    tokenizer,
+    loadable: bool,
 ) -> Path:
-    """accelerate's state (weights, optimizer, scheduler, RNG) plus what `from_pretrained` needs to load the
-    checkpoint as a model: config.json and the tokenizer (or, with LoRA, the adapter on its base model)."""
+    """accelerate's state (weights, optimizer, scheduler, RNG) plus, if loadable (not FSDP or DeepSpeed),
+    what `from_pretrained` needs to load the checkpoint as a model: config.json and the tokenizer (or, with
+    LoRA, the adapter on its base model). FSDP and DeepSpeed write their own per-process files: --resume only."""
     final = folder / f"step-{step:08d}"
     staging = folder / f"step-{step:08d}.partial"
     if accelerator.is_main_process:
@@ -116,10 +128,10 @@ def _save_checkpoint(
     accelerator.save_state(str(staging), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if hasattr(unwrapped, "peft_config"):  # adapter_config.json + adapter weights
+        unwrapped = accelerator.unwrap_model(model).causal_lm
+        if loadable and hasattr(unwrapped, "peft_config"):  # adapter_config.json + adapter weights
             unwrapped.save_pretrained(staging, safe_serialization=True)
-        else:
+        elif loadable:
             unwrapped.config.save_pretrained(staging)
             if getattr(unwrapped, "generation_config", None) is not None:
                 unwrapped.generation_config.save_pretrained(staging)
@@ -161,10 +173,10 @@ def _scheduler(optimizer, config: TrainConfig, total_steps: int):
     )
 
 
-def _make_reference(config, policy, dataset, collate, accelerator, objective) -> Reference:
+def _make_reference(config, policy, dataset, collate, accelerator, objective, split_rows) -> Reference:
     mode = config.reference_mode()
     if mode == "adapter":
-        return AdapterReference(policy)
+        return AdapterReference(policy, split_rows=split_rows)
     if mode == "copy":
         if config.reference.path:
             ref = load_causal_lm(config.reference.path, config.model)
@@ -269,7 +281,10 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         # would train alone on the whole data.
         cpu=not _has_accelerator(),
     )
-    _require_supported_sharding(accelerator)
+    engine = _engine(accelerator)
+    sharded = engine in ("fsdp", "zero3")  # parameters sharded across processes
+    if engine in ("deepspeed", "zero3"):
+        _configure_deepspeed(accelerator.state.deepspeed_plugin, config, zero3=engine == "zero3")
     world = accelerator.num_processes
     if int(os.environ.get("WORLD_SIZE", world)) != world:  # (mpirun sets no WORLD_SIZE: nothing to compare)
         raise RuntimeError(
@@ -332,23 +347,27 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     if config.lora.enabled:
         model = _apply_lora(model, config)
     model.to(accelerator.device)
-    reference = _make_reference(config, model, dataset, collate, accelerator, objective)
+    # Sharded layers run once per forward: no split by row length (`final_hidden_states`).
+    reference = _make_reference(config, model, dataset, collate, accelerator, objective, not sharded)
+    policy = PolicyStatistics(model, split_rows=not sharded)
+    if engine == "zero3":
+        _register_head_with_zero3(policy)
 
     global_batch = config.optim.batch_size * config.optim.grad_accum * world
     steps_per_epoch = math.ceil(len(dataset) / global_batch)
     total_steps = config.optim.max_steps or steps_per_epoch * config.optim.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params,
+        [p for p in policy.parameters() if p.requires_grad],
         lr=config.optim.lr,
         betas=(config.optim.adam_beta1, config.optim.adam_beta2),
         eps=config.optim.adam_eps,
         weight_decay=config.optim.weight_decay,
     )
     scheduler = _scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(policy, optimizer)  # FSDP replaces the parameters
+    if engine == "fsdp":
+        require_head_in_root_unit(model)
     accelerator.register_for_checkpointing(scheduler)
-    head_owner = accelerator.unwrap_model(model)
     request = stat_request(objective, entropy=config.logging.entropy)
 
     skipped_steps = 0
@@ -398,12 +417,14 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
                 indices, weight = pairs[:1], 0.0
             batch = collate([dataset[i] for i in indices]).to(accelerator.device)
             sync = j == num_micro - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
+            # DeepSpeed takes the accumulation boundary from sync_gradients (it steps in the last backward);
+            # DDP and FSDP skip the gradient all-reduce of the other micro-batches through no_sync.
+            accelerator.sync_gradients = sync
+            skip_sync = not sync and world > 1 and engine in ("plain", "fsdp")
+            ctx = accelerator.no_sync(model) if skip_sync else contextlib.nullcontext()
             with ctx:
                 with accelerator.autocast():
-                    stats = compute_pair_stats(
-                        model, head_owner, reference, batch, indices, request, config.optim.chunk_size
-                    )
+                    stats = PairStats(**model(reference, batch, indices, request, config.optim.chunk_size))
                     out = objective(stats)
                 loss = out.losses.sum() * (weight * world / n_step)
                 finite = torch.isfinite(out.losses.detach())
@@ -426,12 +447,17 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
                     step_sum += out.beta_steps.detach().double().sum()
         # Every process agrees on a non-finite step: the flag is summed over processes.
         bad = accelerator.reduce(bad_local, reduction="sum")
-        if config.optim.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(params, config.optim.max_grad_norm)
-        else:
-            grad_norm = _grad_norm(params)
+        # All parameters (frozen ones have no gradient): accelerate's FSDP clipping needs the model's list.
+        # Without clipping, max_norm=inf still gives the global norm (sharded gradients included) and scales
+        # every gradient by exactly 1.
+        grad_norm = accelerator.clip_grad_norm_(
+            list(model.parameters()),
+            float("inf") if config.optim.max_grad_norm is None else config.optim.max_grad_norm,
+        )
         # fp16's loss scaler skips overflowing steps itself; elsewhere a non-finite gradient is an error.
-        if config.optim.mixed_precision != "fp16" and not torch.isfinite(torch.as_tensor(grad_norm)).all():
+        # (DeepSpeed reports no norm where it computed none.)
+        finite_norm = grad_norm is None or torch.isfinite(torch.as_tensor(grad_norm)).all()
+        if config.optim.mixed_precision != "fp16" and not finite_norm:
             bad = bad + 1
         if float(bad) > 0:
             if config.optim.on_nonfinite == "error":
@@ -491,21 +517,42 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
                 "fingerprint": fingerprint,
             }
             _save_checkpoint(
-                accelerator, ckpt_dir, step + 1, state, config.checkpoint.keep_last, model, tokenizer
+                accelerator,
+                ckpt_dir,
+                step + 1,
+                state,
+                config.checkpoint.keep_last,
+                model,
+                tokenizer,
+                loadable=engine == "plain",
             )
     bar.close()
 
     final = out_dir / "final"
     accelerator.wait_for_everyone()
+    # Sharded: every process takes part in gathering the full weights (to the main process, on CPU).
+    full_state = accelerator.get_state_dict(model) if sharded else None
     if accelerator.is_main_process:
-        _save_final(accelerator.unwrap_model(model), tokenizer, final, config, objective)
+        _save_final(
+            accelerator.unwrap_model(model).causal_lm, tokenizer, final, config, objective, full_state
+        )
     accelerator.wait_for_everyone()
     if config.logging.trackers:
         accelerator.end_training()
     return TrainResult(out_dir, total_steps, final, history, skipped_steps)
 
 
-def _save_final(model, tokenizer, folder: Path, config: TrainConfig, objective) -> None:
+def _save_final(model, tokenizer, folder: Path, config: TrainConfig, objective, full_state=None) -> None:
+    """save_pretrained into a staging folder, renamed when complete.
+
+    full_state: the gathered state dict of a sharded run (FSDP / ZeRO-3), whose own modules hold only shards:
+    it is loaded (strictly) into a fresh CPU copy of the model, which is then saved (and merged) as usual.
+    """
+    if full_state is not None:
+        model = load_causal_lm(config.model.path, config.model)
+        if config.lora.enabled:
+            model = _apply_lora(model, config)
+        model.load_state_dict(full_state)
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     if config.lora.enabled and config.lora.merge_on_save:
@@ -519,37 +566,108 @@ def _save_final(model, tokenizer, folder: Path, config: TrainConfig, objective) 
     os.replace(staging, folder)
 
 
-def _require_supported_sharding(accelerator) -> None:
-    """Refuse parameter sharding (FSDP, DeepSpeed ZeRO-3) before anything is loaded.
-
-    The chunked head (`tether.heads.token_stats`) multiplies the final hidden states by the output embedding
-    outside the model's forward; a sharded lm_head weight is not gathered there, so the statistics would be
-    wrong or the run would fail deep inside a step.
-    """
+def _engine(accelerator) -> str:
+    """How the model is distributed: "plain" (one process or DDP), "fsdp", "deepspeed" (ZeRO-0/1/2: parameters
+    whole on every process) or "zero3" (parameters sharded)."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    zero3 = (
-        kind == DistributedType.DEEPSPEED
-        and getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
-    )
-    if kind == DistributedType.FSDP or zero3:
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    if kind == DistributedType.DEEPSPEED:
+        return "zero3" if getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3 else "deepspeed"
+    return "plain"
+
+
+def _configure_deepspeed(plugin, config: TrainConfig, zero3: bool) -> None:
+    """Fill the DeepSpeed config's "auto" entries from tether's config, and refuse what tether's loop cannot
+    honour under DeepSpeed, before any model is loaded.
+
+    tether accumulates micro-batches itself (optim.grad_accum, uneven last windows included) and tells
+    DeepSpeed the boundary through accelerate; DeepSpeed's own accumulation would divide the loss again.
+    DeepSpeed clips (gradient_clipping = optim.max_grad_norm) and steps inside the last backward of a step, so
+    a non-finite step cannot be skipped afterwards. tether's AdamW and schedule are used, not the config's.
+    """
+    ds = plugin.deepspeed_config
+
+    def fill(key: str, value: Any, source: str) -> None:
+        current = ds.get(key, "auto")
+        if current == "auto":
+            ds[key] = value
+        elif current != value:
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={current!r} but {source} gives {value!r}: set it to"
+                ' "auto" (or remove it)'
+            )
+
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"the DeepSpeed config has a {section!r} section: remove it; tether builds AdamW and the"
+                " schedule from optim.*"
+            )
+    fill("train_micro_batch_size_per_gpu", config.optim.batch_size, "optim.batch_size")
+    fill("gradient_accumulation_steps", 1, "tether (it accumulates optim.grad_accum micro-batches itself)")
+    fill("gradient_clipping", config.optim.max_grad_norm or 0.0, "optim.max_grad_norm")
+    if config.optim.on_nonfinite == "skip":
         raise ConfigError(
-            f"{'FSDP' if kind == DistributedType.FSDP else 'DeepSpeed ZeRO-3'} shards the lm_head weight, which"
-            " tether's chunked head reads outside the model's forward: not supported yet. Use DDP (torchrun or"
-            " accelerate launch without FSDP), DeepSpeed ZeRO-1/2, or LoRA to fit the model"
+            "optim.on_nonfinite=skip is not supported under DeepSpeed (it steps inside the last backward of a"
+            " step, before tether sees the loss); use optim.on_nonfinite=error"
         )
+    if zero3:
+        # No zero.Init: from_pretrained loads whole models, so the reference copy, the reference cache and the
+        # final save see real weights; DeepSpeed partitions the policy when accelerate prepares it. (The
+        # context manager accelerate offers for this does the same two assignments.)
+        plugin.zero3_init_flag = False
+        plugin.dschf = None  # drops transformers' weak reference to the ZeRO-3 config
+    if zero3 and not ds.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save=true (accelerate"
+            " config: zero3_save_16bit_model: true) to gather the final model"
+        )
+
+
+def require_head_in_root_unit(model) -> None:
+    """Under FSDP the output embedding must belong to the root unit, whose parameters are gathered for the
+    whole forward of `PolicyStatistics`. An auto-wrap policy that puts lm_head (or a module holding it, or its
+    weight tied into another unit) in a unit of its own leaves the weight sharded where the chunked head reads
+    it: refused by name."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    head = _unwrap(model).causal_lm.get_output_embeddings()
+    for name, module in model.named_modules():
+        if module is model or not isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+            continue
+        # The module itself, or its weight through another module of the unit (tied input embedding).
+        if any(m is head for m in module.modules()) or any(p is head.weight for p in module.parameters()):
+            raise ConfigError(
+                f"FSDP put {name.replace('_fsdp_wrapped_module.', '')} (it holds the output embedding) in a unit"
+                " of its own; tether's chunked head needs lm_head in the root unit: wrap the decoder layers only"
+                " (fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP)"
+            )
+
+
+def _unwrap(model):
+    """The `PolicyStatistics` inside an FSDP1 wrapper (FSDP2 and the others keep the class)."""
+    while not isinstance(model, PolicyStatistics):
+        model = model.module
+    return model
+
+
+def _register_head_with_zero3(policy: PolicyStatistics) -> None:
+    """ZeRO-3 gathers a parameter around the forward of the module that owns it; the chunked head reads the
+    output embedding in `PolicyStatistics`'s forward instead of calling lm_head, so its weight (and bias) are
+    registered as external parameters of that module."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for param in policy.causal_lm.get_output_embeddings().parameters(recurse=False):
+        register_external_parameter(policy, param)
 
 
 def _has_accelerator() -> bool:
     if hasattr(torch, "accelerator"):
         return torch.accelerator.is_available()
     return torch.cuda.is_available()
-
-
-def _grad_norm(params) -> torch.Tensor:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(norms).norm() if norms else torch.zeros(())
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
