@@ -12,6 +12,8 @@ What must hold (module docstring of tether.train):
 - reference.mode=cache == copy; the cache is reused on resume and rebuilt when it is stale;
 - a non-finite step is skipped without touching weights or optimizer (on_nonfinite=skip) or raises naming
   the step and the rows (on_nonfinite=error).
+- under DeepSpeed, tether's batch, accumulation and clipping fill the config's "auto" entries, and settings
+  its loop cannot honour are refused by name (FSDP / DeepSpeed runs themselves: tests/test_sharded.py).
 """
 
 from __future__ import annotations
@@ -606,3 +608,45 @@ def test_engine_kind(kind, stage, expected):
         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)),
     )
     assert _engine(accelerator) == expected
+
+
+def _deepspeed_plugin(**entries):
+    from types import SimpleNamespace
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", **entries}
+    return SimpleNamespace(deepspeed_config=config, zero3_init_flag=True, dschf=object())
+
+
+def test_deepspeed_auto_entries_are_filled_from_tethers_config(train_yaml):
+    from tether.train import _configure_deepspeed
+
+    config, _ = _config(train_yaml, optim={"batch_size": 3, "grad_accum": 5, "max_grad_norm": 0.5})
+    plugin = _deepspeed_plugin(
+        zero_optimization={"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    )
+    _configure_deepspeed(plugin, config, zero3=True)
+    ds = plugin.deepspeed_config
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 1  # tether accumulates the 5 micro-batches itself
+    assert ds["gradient_clipping"] == 0.5
+    assert plugin.zero3_init_flag is False and plugin.dschf is None  # models load whole (no zero.Init)
+
+
+@pytest.mark.parametrize(
+    "entries, optim, zero3, match",
+    [
+        ({"gradient_accumulation_steps": 4}, {}, False, "gradient_accumulation_steps=4"),
+        ({"train_micro_batch_size_per_gpu": 8}, {}, False, "optim.batch_size"),
+        ({"gradient_clipping": 2.0}, {"max_grad_norm": 1.0}, False, "optim.max_grad_norm"),
+        ({"optimizer": {"type": "AdamW"}}, {}, False, "'optimizer' section"),
+        ({"scheduler": {"type": "WarmupLR"}}, {}, False, "'scheduler' section"),
+        ({}, {"on_nonfinite": "skip"}, False, "on_nonfinite=skip"),
+        ({"zero_optimization": {"stage": 3}}, {}, True, "stage3_gather_16bit_weights_on_model_save"),
+    ],
+)
+def test_deepspeed_settings_tether_cannot_honour_are_refused(train_yaml, entries, optim, zero3, match):
+    from tether.train import _configure_deepspeed
+
+    config, _ = _config(train_yaml, optim=optim)
+    with pytest.raises(ConfigError, match=match):
+        _configure_deepspeed(_deepspeed_plugin(**entries), config, zero3=zero3)

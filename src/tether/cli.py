@@ -17,7 +17,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
-    print(f"[tether] done: {result.steps} steps, final model in {result.final_model}")
+    if result.main_process:
+        print(f"[tether] done: {result.steps} steps, final model in {result.final_model}")
     return 0
 
 

@@ -69,6 +69,7 @@ class TrainResult:
     final_model: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_steps: int = 0
+    main_process: bool = True  # False on the other processes of a multi-process run
 
 
 # --- data order ----------------------------------------------------------------------------------------
@@ -539,7 +540,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     accelerator.wait_for_everyone()
     if config.logging.trackers:
         accelerator.end_training()
-    return TrainResult(out_dir, total_steps, final, history, skipped_steps)
+    return TrainResult(out_dir, total_steps, final, history, skipped_steps, accelerator.is_main_process)
 
 
 def _save_final(model, tokenizer, folder: Path, config: TrainConfig, objective, full_state=None) -> None:
