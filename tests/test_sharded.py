@@ -6,7 +6,7 @@ What must hold (tether.modeling.PolicyStatistics, tether.train):
   train like one process with batch 4: same losses, token counts and final weights (float32 rounding);
 - a run resumed from its step-2 checkpoint (accelerate's sharded / DeepSpeed files) ends bitwise where the
   uninterrupted run ended;
-- LoRA with the adapter-disabled reference works under FSDP2 and ZeRO-3;
+- LoRA with the adapter-disabled reference, and the reference cache, work under FSDP2 and ZeRO-3;
 - FSDP1 (torch's wrapper) gives the single-process gradients of `PolicyStatistics`, and an auto-wrap policy
   that puts lm_head in a unit of its own is refused.
 
@@ -67,9 +67,9 @@ RUN = {
     "optim": {"max_steps": 3, "lr": 1e-2, "adam_eps": 1e-3, "scheduler": "cosine", "warmup_steps": 0},
     "checkpoint": {"every": 2, "keep_last": 2},
 }
-LORA = {
-    "objective": {"name": "tdpo2", "beta": 0.1},
-    "lora": {"enabled": True, "r": 4, "alpha": 8.0},
+VARIANTS = {  # reference modes other than `copy`, with TDPO2 (it needs the reference's distributions)
+    "lora": {"objective": {"name": "tdpo2", "beta": 0.1}, "lora": {"enabled": True, "r": 4, "alpha": 8.0}},
+    "cache": {"objective": {"name": "tdpo2", "beta": 0.1}, "reference": {"mode": "cache"}},
 }
 
 
@@ -138,7 +138,7 @@ def setup(tmp_path_factory, tiny_model_dir, make_pairs, config_dict):
 
     return {
         "plain": one_process("one", **RUN),
-        "lora": one_process("one_lora", **{**RUN, **LORA}),
+        **{name: one_process(f"one_{name}", **{**RUN, **sections}) for name, sections in VARIANTS.items()},
     }
 
 
@@ -166,11 +166,14 @@ def test_two_sharded_processes_equal_one_and_resume_bitwise(setup, tmp_path, eng
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
-def test_lora_with_adapter_reference_under_sharding(setup, tmp_path, engine):
-    config, one = setup["lora"]
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_adapter_and_cached_references_under_sharding(setup, tmp_path, engine, variant):
+    """LoRA with the adapter-disabled reference (merged final weights), and the reference cache of hidden
+    states (built from the whole model before sharding), train as in 1 process."""
+    config, one = setup[variant]
     two = tmp_path / "two"
     _launch(tmp_path, engine, config, f"output_dir={two}", "optim.batch_size=2")
-    _assert_same_run(one, two, atol=1e-6)  # the merged final models
+    _assert_same_run(one, two, atol=1e-6)
 
 
 _FSDP1_SCRIPT = """
