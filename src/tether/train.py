@@ -347,7 +347,8 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora.enabled:
         model = _apply_lora(model, config)
-    model.to(accelerator.device)
+    if not sharded:  # FSDP and ZeRO-3 move each shard to its device when they wrap the model
+        model.to(accelerator.device)
     # Sharded layers run once per forward: no split by row length (`final_hidden_states`).
     reference = _make_reference(config, model, dataset, collate, accelerator, objective, not sharded)
     policy = PolicyStatistics(model, split_rows=not sharded)
