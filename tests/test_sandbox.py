@@ -152,16 +152,6 @@ def test_write_outside_working_folder_does_not_land(work_root, report, tmp_path)
     assert not target.exists()
 
 
-@pytest.fixture
-def listener():
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.5)
-    yield server
-    server.close()
-
-
 def _nobody_connected(server: socket.socket) -> bool:
     try:
         conn, _ = server.accept()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -73,12 +72,6 @@ VARIANTS = {  # reference modes other than `copy`, with TDPO2 (it needs the refe
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "accelerate"
 ENGINES = {  # engine -> accelerate launch options (the example configs users start from)
     "fsdp2": ["--config_file", str(EXAMPLES / "fsdp.yaml")],
@@ -87,12 +80,12 @@ ENGINES = {  # engine -> accelerate launch options (the example configs users st
 }
 
 
-def _launch(tmp_path: Path, engine: str, config: Path, *extra: str) -> None:
+def _launch(port: int, tmp_path: Path, engine: str, config: Path, *extra: str) -> None:
     """`accelerate launch --config_file examples/accelerate/... --num_processes 2` of `tether train`."""
     script = tmp_path / "rank_script.py"
     script.write_text(_RANK_SCRIPT)
     launch = [sys.executable, "-m", "accelerate.commands.launch", *ENGINES[engine], "--num_processes", "2"]
-    launch += ["--main_process_port", str(_free_port())]
+    launch += ["--main_process_port", str(port)]
     kind = "fsdp" if engine.startswith("fsdp") else "deepspeed"
     proc = subprocess.run(
         [*launch, str(script), kind, "train", str(config), *extra],
@@ -143,11 +136,13 @@ def setup(tmp_path_factory, tiny_model_dir, make_pairs, config_dict):
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_two_sharded_processes_equal_one_and_resume_bitwise(setup, tmp_path, engine, tiny_model_dir):
+def test_two_sharded_processes_equal_one_and_resume_bitwise(
+    setup, tmp_path, engine, tiny_model_dir, free_port
+):
     config, one = setup["plain"]
     two = tmp_path / "two"
     batch = ["optim.batch_size=1", "optim.grad_accum=2"]
-    _launch(tmp_path, engine, config, f"output_dir={two}", *batch)
+    _launch(free_port(), tmp_path, engine, config, f"output_dir={two}", *batch)
     _assert_same_run(one, two, atol=1e-6)
     assert _max_diff(_weights(one / "final"), _weights(tiny_model_dir)) > 1e-3  # the weights did move
 
@@ -159,7 +154,7 @@ def test_two_sharded_processes_equal_one_and_resume_bitwise(setup, tmp_path, eng
     resumed = tmp_path / "resumed"
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "final")
-    _launch(tmp_path, engine, config, f"output_dir={resumed}", *batch, "--resume")
+    _launch(free_port(), tmp_path, engine, config, f"output_dir={resumed}", *batch, "--resume")
     final, again = _weights(two / "final"), _weights(resumed / "final")
     assert all(torch.equal(final[k], again[k]) for k in final)
     assert read_metrics(resumed)[2]["loss"] == read_metrics(two)[2]["loss"]
@@ -167,12 +162,12 @@ def test_two_sharded_processes_equal_one_and_resume_bitwise(setup, tmp_path, eng
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_adapter_and_cached_references_under_sharding(setup, tmp_path, engine, variant):
+def test_adapter_and_cached_references_under_sharding(setup, tmp_path, engine, variant, free_port):
     """LoRA with the adapter-disabled reference (merged final weights), and the reference cache of hidden
     states (built from the whole model before sharding), train as in 1 process."""
     config, one = setup[variant]
     two = tmp_path / "two"
-    _launch(tmp_path, engine, config, f"output_dir={two}", "optim.batch_size=2")
+    _launch(free_port(), tmp_path, engine, config, f"output_dir={two}", "optim.batch_size=2")
     _assert_same_run(one, two, atol=1e-6)
 
 
@@ -217,7 +212,7 @@ policy = ModuleWrapPolicy({LlamaDecoderLayer, LlamaModel})
 sharded = FSDP(PolicyStatistics(model, split_rows=False), auto_wrap_policy=policy,
                device_id=torch.device("cpu"), use_orig_params=True)
 assert type(sharded.module.causal_lm.model).__name__ == "LlamaModel"  # not yet synchronized
-require_head_in_root_unit(sharded)
+require_head_in_root_unit(sharded, model.get_output_embeddings())
 (loss(sharded, [rank, rank + 2], [rank]) * 2).backward()  # pair `rank`: rows rank (chosen) and rank+2
 with FSDP.summon_full_params(sharded, with_grads=True):
     worst = max(float((p.grad - expected[n.replace("_fsdp_wrapped_module.", "")]).abs().max())
@@ -236,7 +231,7 @@ tied = FSDP(tied, auto_wrap_policy=ModuleWrapPolicy({LlamaModel}), device_id=tor
             use_orig_params=True)
 for bad in (carved, tied):
     try:
-        require_head_in_root_unit(bad)
+        require_head_in_root_unit(bad, bad.lm_head)
         raise SystemExit("lm_head's weight outside the root FSDP unit was not refused")
     except ConfigError as error:
         assert "output embedding" in str(error), error
@@ -244,11 +239,13 @@ print("ok", rank, worst)
 """
 
 
-def test_fsdp1_gradients_equal_one_process_and_a_separate_head_unit_is_refused(tmp_path, tiny_model_dir):
+def test_fsdp1_gradients_equal_one_process_and_a_separate_head_unit_is_refused(
+    tmp_path, tiny_model_dir, free_port
+):
     script = tmp_path / "fsdp1.py"
     script.write_text(_FSDP1_SCRIPT)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launch += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     proc = subprocess.run(
         [*launch, str(script), str(tiny_model_dir)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -328,14 +327,8 @@ sys.exit(code)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path, train_yaml, make_pairs, tiny_model_dir):
+def test_two_processes_equal_one(tmp_path, train_yaml, make_pairs, tiny_model_dir, free_port):
     """torchrun --nproc_per_node 2 (gloo, CPU) == 1 process with the same global batch, weights equal on ranks.
 
     10 pairs, global batch 4: the third step has 2 pairs, so rank 1 runs a zero-weight micro-batch.
@@ -348,7 +341,7 @@ def test_two_processes_equal_one(tmp_path, train_yaml, make_pairs, tiny_model_di
     script = tmp_path / "rank_script.py"
     script.write_text(_RANK_SCRIPT)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launch += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     proc = subprocess.run(
         [*launch, str(script), str(tmp_path), "train", str(two)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -368,7 +368,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     scheduler = _scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(policy, optimizer)  # FSDP replaces the parameters
     if engine == "fsdp":
-        require_head_in_root_unit(model)
+        require_head_in_root_unit(model, accelerator.unwrap_model(model).causal_lm.get_output_embeddings())
     accelerator.register_for_checkpointing(scheduler)
     request = stat_request(objective, entropy=config.logging.entropy)
 
@@ -629,14 +629,13 @@ def _configure_deepspeed(plugin, config: TrainConfig, zero3: bool) -> None:
         )
 
 
-def require_head_in_root_unit(model) -> None:
+def require_head_in_root_unit(model, head) -> None:
     """Under FSDP the output embedding must belong to the root unit, whose parameters are gathered for the
     whole forward of `PolicyStatistics`. An auto-wrap policy that puts lm_head (or a module holding it, or its
     weight tied into another unit) in a unit of its own leaves the weight sharded where the chunked head reads
-    it: refused by name."""
+    it: refused by name. model: the prepared (FSDP) model; head: the causal LM's output embedding module."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    head = _unwrap(model).causal_lm.get_output_embeddings()
     for name, module in model.named_modules():
         if module is model or not isinstance(module, (FSDPModule, FullyShardedDataParallel)):
             continue
@@ -647,13 +646,6 @@ def require_head_in_root_unit(model) -> None:
                 " of its own; tether's chunked head needs lm_head in the root unit: wrap the decoder layers only"
                 " (fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP)"
             )
-
-
-def _unwrap(model):
-    """The `PolicyStatistics` inside an FSDP1 wrapper (FSDP2 and the others keep the class)."""
-    while not isinstance(model, PolicyStatistics):
-        model = model.module
-    return model
 
 
 def _register_head_with_zero3(policy: PolicyStatistics) -> None:

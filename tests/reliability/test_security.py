@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import tempfile
 import textwrap
 import time
@@ -254,16 +253,6 @@ def test_sandbox_write_outside_its_folder_does_not_land(report, tmp_path, world_
     if report["file_permissions"]:
         result = _run(program.replace(str(target), str(private / "escaped.txt")), guard=False)
         assert result.stdout.count("refused") == 2 and not (private / "escaped.txt").exists(), result.stdout
-
-
-@pytest.fixture
-def listener():
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    server.settimeout(0.5)
-    yield server
-    server.close()
 
 
 @pytest.mark.parametrize("guard", [True, False], ids=["guard", "namespace"])
