@@ -164,7 +164,9 @@ def build_assets(cfg: BenchConfig, folder: Path) -> dict:
     """Model + tokenizer in folder/model, pairs in folder/data.jsonl; returns per-step token counts."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tether.toy.model import tiny_llama_config
 
     model_dir = folder / "model"
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
@@ -177,18 +179,16 @@ def build_assets(cfg: BenchConfig, folder: Path) -> dict:
     )
     tokenizer.save_pretrained(model_dir)
     torch.manual_seed(cfg.seed)
-    config = LlamaConfig(
-        vocab_size=cfg.vocab,
+    config = tiny_llama_config(
+        cfg.vocab,
         hidden_size=cfg.hidden,
         intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
+        num_layers=cfg.layers,
+        num_heads=cfg.heads,
         max_position_embeddings=cfg.max_length,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())

@@ -29,6 +29,7 @@ from transformers import (
 import tether.evaluate as ev
 from tether.evaluate import diversity, likelihood, passk, rewards, runner, sampling, verifiers
 from tether.evaluate.config import ConfigError, EvalConfig, ModelSpec, load_config
+from tether.toy.model import tiny_llama_config
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?"
 TEMPLATE = (
@@ -52,18 +53,16 @@ def make_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
 
 
 def llama_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
+    return tiny_llama_config(
+        vocab_size,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_layers=1,
+        num_heads=2,
         max_position_embeddings=128,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        tie_word_embeddings=False,
     )
 
 

@@ -254,19 +254,19 @@ def _tiny_tokenizer():
 
 
 def _tiny_llama(tokenizer, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    from tether.toy.model import tiny_llama_config
+
+    config = tiny_llama_config(
+        len(tokenizer),
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_layers=1,
+        num_heads=2,
         max_position_embeddings=64,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
         initializer_range=0.3,  # spread-out logits, so policy and reference differ clearly
     )
     with torch.random.fork_rng(devices=[]):
