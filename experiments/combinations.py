@@ -87,13 +87,13 @@ def claims_at(results: dict[str, Any], beta: float) -> list[dict[str, Any]]:
             else "alpha 0.9 raises pass@1 at T=1 over the plain objective"
         )
         out.append(
-            {
-                "claim": f"beta={beta:g}: in every family (DPO, epsilon-DPO, TDPO2), {direction}",
-                "rule": f"per seed, paired differences of {label} at T=1 as named; claim d >"
+            c.compound(
+                f"beta={beta:g}: in every family (DPO, epsilon-DPO, TDPO2), {direction}",
+                f"per seed, paired differences of {label} at T=1 as named; claim d >"
                 f" {c.MATERIAL['entropy' if key == 'entropy' else 'pass']} for each; held only if all are held",
-                "verdict": c.combine([v["verdict"] for v in subs.values()], "all"),
-                "subclaims": subs,
-            }
+                subs,
+                "all",
+            )
         )
     # What alpha did do in every family: move the KL to the reference, as a rescaled beta would.
     subs = {}
@@ -106,14 +106,14 @@ def claims_at(results: dict[str, Any], beta: float) -> list[dict[str, Any]]:
             (plain - high).tolist(), c.MATERIAL["kl_ratio"]
         )
     out.append(
-        {
-            "claim": f"beta={beta:g}: in every family, the sequential KL to the reference falls as alpha rises (as if"
+        c.compound(
+            f"beta={beta:g}: in every family, the sequential KL to the reference falls as alpha rises (as if"
             " alpha rescaled beta; this test was posed after looking at the tables)",
-            "rule": "per seed, d = ln of the ratio of KL(ref || pi) at T=1 as named; claim d >"
+            "per seed, d = ln of the ratio of KL(ref || pi) at T=1 as named; claim d >"
             f" {c.MATERIAL['kl_ratio']} (about 10%) for each; held only if all are held",
-            "verdict": c.combine([v["verdict"] for v in subs.values()], "all"),
-            "subclaims": subs,
-        }
+            subs,
+            "all",
+        )
     )
     return out
 

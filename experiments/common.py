@@ -508,6 +508,17 @@ def combine(verdicts: Sequence[str], rule: str) -> str:
     return "not held" if all(v == "not held" for v in verdicts) else "unclear"
 
 
+def compound(
+    claim: str, rule: str, subs: dict[str, dict[str, Any]], how: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A claim made of sub-claims (each a `verdict`): its verdict is `combine`d by `how` ("all" / "any")."""
+    out = {"claim": claim, "rule": rule, "verdict": combine([v["verdict"] for v in subs.values()], how)}
+    out["subclaims"] = subs
+    if extra is not None:
+        out["extra"] = extra
+    return out
+
+
 # --- bookkeeping and plots ------------------------------------------------------------------------------
 
 

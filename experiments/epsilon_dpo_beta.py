@@ -97,13 +97,13 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             for m in eps_methods
         }
         out.append(
-            {
-                "claim": f"epsilon-DPO at one beta ({results['one_beta']:g}) matches DPO at its best beta ({key})",
-                "rule": f"per seed d = {key}(epsilon-DPO, beta={results['one_beta']:g}) - max over betas of"
+            c.compound(
+                f"epsilon-DPO at one beta ({results['one_beta']:g}) matches DPO at its best beta ({key})",
+                f"per seed d = {key}(epsilon-DPO, beta={results['one_beta']:g}) - max over betas of"
                 f" {key}(DPO, beta); claim d > -{TOLERANCE}; held if it holds for at least one epsilon",
-                "verdict": c.combine([v["verdict"] for v in subs.values()], "any"),
-                "subclaims": subs,
-            }
+                subs,
+                "any",
+            )
         )
     dpo_range = np.ptp(at_betas(results, "dpo", "reward"), axis=1)
     subs = {
@@ -113,13 +113,13 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         for m in eps_methods
     }
     out.append(
-        {
-            "claim": "epsilon-DPO's final reward depends less on the choice of beta than DPO's",
-            "rule": "per seed d = (max - min over betas of DPO's reward) - (the same for epsilon-DPO);"
+        c.compound(
+            "epsilon-DPO's final reward depends less on the choice of beta than DPO's",
+            "per seed d = (max - min over betas of DPO's reward) - (the same for epsilon-DPO);"
             f" claim d > {c.MATERIAL['reward']}; held if it holds for at least one epsilon",
-            "verdict": c.combine([v["verdict"] for v in subs.values()], "any"),
-            "subclaims": subs,
-        }
+            subs,
+            "any",
+        )
     )
     return out
 

@@ -81,20 +81,20 @@ def claims_at(results: dict[str, Any], beta: float) -> list[dict[str, Any]]:
         ),
     }
     out = [
-        {
-            "claim": f"beta={beta:g}: policy entropy falls as alpha decreases (alpha < 1 below DPO)",
-            "rule": "per seed, (a) the Spearman rank correlation rho between alpha and policy entropy at T=1 over"
+        c.compound(
+            f"beta={beta:g}: policy entropy falls as alpha decreases (alpha < 1 below DPO)",
+            "per seed, (a) the Spearman rank correlation rho between alpha and policy entropy at T=1 over"
             f" all alphas, claim rho > 0, and (b) d = entropy(DPO) - entropy(alpha={lowest:g}) at T=1, claim"
             f" d > {c.MATERIAL['entropy']} nats/token; held only if both are held",
-            "verdict": c.combine([v["verdict"] for v in subs.values()], "all"),
-            "subclaims": subs,
-            "extra": {
+            subs,
+            "all",
+            extra={
                 f"entropy(DPO) - entropy(alpha={a:g}) at T=1": c.summary(
                     (per_seed(1.0, 1.0, "entropy") - per_seed(a, 1.0, "entropy")).tolist()
                 )
                 for a in low
             },
-        }
+        )
     ]
     # 2. alpha < 1 at T=1 vs DPO at its best temperature (per seed), pass@1.
     dpo_best = np.max([per_seed(1.0, t, "pass@1") for t in temps], axis=0)
@@ -102,14 +102,14 @@ def claims_at(results: dict[str, Any], beta: float) -> list[dict[str, Any]]:
         f"alpha={a:g}": c.verdict((per_seed(a, 1.0, "pass@1") - dpo_best).tolist(), -TOLERANCE) for a in low
     }
     out.append(
-        {
-            "claim": f"beta={beta:g}: H-DPO with alpha < 1 at temperature 1 matches or beats DPO at its best"
+        c.compound(
+            f"beta={beta:g}: H-DPO with alpha < 1 at temperature 1 matches or beats DPO at its best"
             " temperature (pass@1)",
-            "rule": f"per seed d = pass@1(alpha, T=1) - max over T of pass@1(DPO, T); claim d > -{TOLERANCE}"
+            f"per seed d = pass@1(alpha, T=1) - max over T of pass@1(DPO, T); claim d > -{TOLERANCE}"
             " (matches within 2 points); held if it holds for at least one alpha < 1",
-            "verdict": c.combine([v["verdict"] for v in subs.values()], "any"),
-            "subclaims": subs,
-        }
+            subs,
+            "any",
+        )
     )
     # 3. alpha > 1 wins pass@k at large k, T=1, against the best of the other alphas (per seed).
     high = max(alphas)
@@ -118,14 +118,14 @@ def claims_at(results: dict[str, Any], beta: float) -> list[dict[str, Any]]:
         others = np.max([per_seed(a, 1.0, f"pass@{k}") for a in alphas if a != high], axis=0)
         subs[f"k={k}"] = c.verdict((per_seed(high, 1.0, f"pass@{k}") - others).tolist(), c.MATERIAL["pass"])
     out.append(
-        {
-            "claim": f"beta={beta:g}: H-DPO with alpha > 1 wins pass@k for large k (T = 1)",
-            "rule": f"per seed d = pass@k(alpha={high:g}, T=1) - max over the other alphas of pass@k(alpha, T=1);"
+        c.compound(
+            f"beta={beta:g}: H-DPO with alpha > 1 wins pass@k for large k (T = 1)",
+            f"per seed d = pass@k(alpha={high:g}, T=1) - max over the other alphas of pass@k(alpha, T=1);"
             f" claim d > {c.MATERIAL['pass']}; tested at k = {' and k = '.join(str(k) for k in large_ks(results))}; held if it"
             " holds at either k (the reference's own pass@k at T=1 in the table shows how saturated it is)",
-            "verdict": c.combine([v["verdict"] for v in subs.values()], "any"),
-            "subclaims": subs,
-        }
+            subs,
+            "any",
+        )
     )
     return out
 

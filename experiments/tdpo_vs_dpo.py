@@ -157,13 +157,13 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         diffs = np.log(final(results, "dpo", beta, side)) - np.log(final(results, "tdpo2_a0.5", beta, side))
         subs[side] = c.verdict(diffs.tolist(), c.MATERIAL["kl_ratio"])
     out.append(
-        {
-            "claim": "TDPO2 keeps the KL of both chosen and rejected responses low (below DPO's)",
-            "rule": f"per seed d = ln(KL(DPO) / KL(TDPO2, alpha=0.5)) of the final models at beta={beta:g}, for"
+        c.compound(
+            "TDPO2 keeps the KL of both chosen and rejected responses low (below DPO's)",
+            f"per seed d = ln(KL(DPO) / KL(TDPO2, alpha=0.5)) of the final models at beta={beta:g}, for"
             f" chosen and for rejected responses; claim d > {c.MATERIAL['kl_ratio']} (about 10% lower) for both",
-            "verdict": c.combine([v["verdict"] for v in subs.values()], "all"),
-            "subclaims": subs,
-            "extra": {
+            subs,
+            "all",
+            extra={
                 f"{name} final KL_rejected / KL_chosen (beta={beta:g})": c.summary(
                     (
                         np.asarray(final(results, name, beta, "kl_rejected"))
@@ -172,7 +172,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
                 )
                 for name in ("dpo", "tdpo2_a0.5")
             },
-        }
+        )
     )
     # 3. TDPO2 dominates the reward-KL frontier.
     subs = {}
@@ -181,15 +181,15 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             gaps = [frontier_gap(results, s, "tdpo2_a0.5", other, kl_key) for s in results["seeds"]]
             subs[f"TDPO2 vs {other}, {kl_key}"] = c.verdict(gaps, c.MATERIAL["reward"])
     out.append(
-        {
-            "claim": "TDPO2 dominates the reward-KL frontier (over DPO and TDPO1)",
-            "rule": "per seed, pool the (KL, reward) points of every checkpoint and beta of each method; at"
+        c.compound(
+            "TDPO2 dominates the reward-KL frontier (over DPO and TDPO1)",
+            "per seed, pool the (KL, reward) points of every checkpoint and beta of each method; at"
             f" {BUDGETS} KL budgets spread evenly over the KL range both methods cover, take each method's best"
             " reward within the budget; d = mean over budgets of best(TDPO2, alpha=0.5) - best(other);"
             f" claim d > {c.MATERIAL['reward']}, for both KL directions and both other methods",
-            "verdict": c.combine([v["verdict"] for v in subs.values()], "all"),
-            "subclaims": subs,
-        }
+            subs,
+            "all",
+        )
     )
     return out
 
