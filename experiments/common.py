@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tether.files import atomic_write
 from tether.train import read_metrics
 
 ROOT = Path(__file__).resolve().parent
@@ -75,11 +76,8 @@ def read_json(path: Path) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     """Strict JSON (NaN written as null, floats to 6 significant digits), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(data), separators=(",", ":"), allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(_finite(data), separators=(",", ":"), allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from tether.config import ConfigError, TrainConfig, config_fingerprint, save_config
+from tether.files import atomic_write
 from tether.modeling import (
     PolicyStatistics,
     disable_dropout,
@@ -137,9 +138,8 @@ def _save_checkpoint(
             if getattr(unwrapped, "generation_config", None) is not None:
                 unwrapped.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        tmp = staging / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, staging / "state.json")  # written last: marks the folder complete
+        with atomic_write(staging / "state.json") as f:  # written last: marks the folder complete
+            f.write(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for old in complete_checkpoints(folder)[:-keep_last]:
@@ -685,9 +685,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if record.get("step", step + 1) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.writelines(line + "\n" for line in kept)
 
 
 def _strict_json(record: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from tether.evaluate.plots import plot_all
 from tether.evaluate.rewards import load_reward, score_all, win_rate
 from tether.evaluate.sampling import SampleSet, pad_token_id, sample
 from tether.evaluate.verifiers import make_verifier, verify_all
+from tether.files import atomic_write
 
 REFERENCE = "reference"
 
@@ -275,9 +276,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
 
     result["plots"] = plot_all(result, cfg.output_dir)
     path = os.path.join(cfg.output_dir, "eval.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:  # a killed run never leaves a torn eval.json
+    with atomic_write(path) as f:  # a killed run never leaves a torn eval.json
         json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
     return result
 
 

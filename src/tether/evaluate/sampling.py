@@ -31,6 +31,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from tether.files import atomic_write
+
 CACHE_FORMAT = 1
 
 
@@ -170,9 +172,7 @@ def _read_cache(path: str, key: str, num_prompts: int) -> SampleSet | None:
 
 
 def _write_cache(path: str, key: str, samples: SampleSet) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write(json.dumps({"key": key, "meta": samples.meta}) + "\n")
         for i in range(len(samples.prompts)):
             row = {
@@ -183,7 +183,6 @@ def _write_cache(path: str, key: str, samples: SampleSet) -> None:
                 "completion_ids": samples.completion_ids[i],
             }
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def _generation_config(

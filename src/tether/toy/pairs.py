@@ -16,12 +16,12 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether.files import atomic_write
 from tether.toy.sft import encode_prompt
 from tether.toy.tasks import Task
 
@@ -180,18 +180,10 @@ def _mean(values: list[float]) -> float:
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Write one JSON object per line to `path` atomically: a temp file in the same folder, then os.replace.
+    """Write one JSON object per line to `path` atomically (`tether.files.atomic_write`).
 
     A failure part-way (an exception from `rows`, a full disk) leaves any previous file at `path` intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
