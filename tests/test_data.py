@@ -231,6 +231,38 @@ GOOD = {"prompt": "a", "chosen": " yes", "rejected": " no"}
 BAD_ROWS = [
     ("{not json", "invalid_json", None, {}, {}),
     (b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}', "invalid_utf8", None, {}, {}),
+    (
+        '{"prompt": "a", "chosen": "b", "rejected": "c", "n": 1' + "0" * 4300 + "}",
+        "number_too_long",
+        None,
+        {},
+        {},
+    ),
+    (
+        '{"prompt": "a", "chosen": "b", "rejected": "c", "n": ' + "[" * 3000 + "]" * 3000 + "}",
+        "nested_too_deep",
+        None,
+        {},
+        {},
+    ),
+    (
+        '{"prompt": "a", "chosen": "b", "rejected": "c", "n": '
+        + "[" * 100
+        + "]" * 100
+        + "}",  # the row is level 1
+        "nested_too_deep",
+        "n",
+        {},
+        {},
+    ),
+    ({"prompt": "a", "chosen": "b\udfff", "rejected": "c"}, "lone_surrogate", "chosen", {}, {}),
+    (
+        {"prompt": "a", "chosen": "b", "rejected": "c", "meta": {"\ud800": 1}},
+        "lone_surrogate",
+        "meta",
+        {},
+        {},
+    ),
     ({"prompt": "a", "chosen": "b"}, "missing_field", "rejected", {}, {}),
     ({"prompt": "a", "chosen": None, "rejected": "b"}, "null_field", "chosen", {}, {}),
     ({"prompt": "a", "chosen": {"text": "b"}, "rejected": "c"}, "wrong_type", "chosen", {}, {}),
@@ -262,6 +294,18 @@ BAD_ROWS = [
     ({"prompt": "a", "chosen": " b", "rejected": " b"}, "identical_responses", "rejected", {}, {}),
     (
         {"prompt": [user("a"), user("b")], "chosen": [assistant("c")], "rejected": [assistant("d")]},
+        "template_error",
+        "prompt",
+        {},
+        {},
+    ),
+    (
+        {
+            "prompt": [user("a")],
+            "chosen": [assistant("b")],
+            "rejected": [assistant("c")],
+            "chat_template_kwargs": {"return_tensors": "pt"},  # apply_chat_template's own argument
+        },
         "template_error",
         "prompt",
         {},

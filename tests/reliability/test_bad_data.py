@@ -220,3 +220,138 @@ def test_cli_empty_data_file_exits_2(tmp_path, write_config, capsys, no_model_lo
     assert _cli(config) == 2
     err = capsys.readouterr().err
     assert str(empty) in err and "0 bytes" in err
+
+
+# --- hostile rows: what Python's JSON parser or the tokenizer cannot take ---------------------------------
+# Each crashed `tether train` with a traceback in both modes (ValueError "Exceeds the limit (4300 digits)",
+# RecursionError, the tokenizer's TypeError). Written as raw text so that the JSON is exactly as a user's file
+# holds it; the good rows around them are those of the other tests.
+
+GOOD_LINE = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}'
+HOSTILE = [
+    ("5000_digit_integer", GOOD_LINE[:-1] + ', "id": ' + "7" * 5000 + "}", "number_too_long", None),
+    (
+        "nested_100000_levels",
+        GOOD_LINE[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "nested_too_deep",
+        None,
+    ),
+    ("nested_101_levels", GOOD_LINE[:-1] + ', "x": ' + "[" * 100 + "]" * 100 + "}", "nested_too_deep", "x"),
+    (
+        "lone_surrogate",
+        '{"prompt": "1+1=", "chosen": "2\\ud800", "rejected": "3"}',
+        "lone_surrogate",
+        "chosen",
+    ),
+    (
+        "lone_surrogate_in_message",
+        '{"prompt": [{"role": "user", "content": "1+1="}], "chosen": [{"role": "assistant", "content": "\\udc00"}],'
+        ' "rejected": [{"role": "assistant", "content": "3"}]}',
+        "lone_surrogate",
+        "chosen[0].content",
+    ),
+]
+HOSTILE_IDS = [case[0] for case in HOSTILE]
+
+
+def _hostile_file(tmp_path: Path, line: str, fmt: str) -> Path:
+    lines = [GOOD_LINE, GOOD_LINE, line, GOOD_LINE]
+    if fmt == "jsonl":
+        path = tmp_path / "train.jsonl"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    else:  # one JSON array, one element per line: element 3 is the hostile one
+        path = tmp_path / "train.json"
+        path.write_text("[\n" + ",\n".join(lines) + "\n]\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json_array"])
+@pytest.mark.parametrize(("case", "line", "reason", "field"), HOSTILE, ids=HOSTILE_IDS)
+def test_hostile_row_is_a_bad_row_in_both_modes(tmp_path, tokenizer, fmt, case, line, reason, field):
+    path = _hostile_file(tmp_path, line, fmt)
+    unit = "line" if fmt == "jsonl" else "row"
+    with pytest.raises(DataError) as info:
+        load_preference_data(str(path), tokenizer, progress=False, **LIMITS)
+    err = info.value
+    assert (err.source, err.row, err.reason, err.field) == (str(path), 3, reason, field)
+    assert str(err).startswith(f"{path}, {unit} 3") and "To fix:" in str(err)
+    dataset, report = load_preference_data(str(path), tokenizer, on_bad_row="skip", progress=False, **LIMITS)
+    assert report.skipped == {reason: 1} and report.example_rows == {reason: [3]}
+    assert dataset.row_numbers == [1, 2, 4] and report.total == 4
+
+
+def test_nesting_up_to_the_limit_is_kept(tmp_path, tokenizer):
+    """100 levels (the row is one) pass, so the limit is where the docs say it is."""
+    path = _hostile_file(tmp_path, GOOD_LINE[:-1] + ', "x": ' + "[" * 99 + "]" * 99 + "}", "jsonl")
+    dataset, report = load_preference_data(str(path), tokenizer, progress=False, **LIMITS)
+    assert report.kept == len(dataset) == 4
+
+
+def test_invalid_utf8_text_in_parquet_and_datasets_is_a_bad_row(tmp_path, tokenizer):
+    """Arrow does not check that a string column is UTF-8: a Parquet writer or a saved dataset may hold any
+    bytes there, and reading such a row raised UnicodeDecodeError for the whole batch."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chosen = pa.array([b"2", b"2", b"\xed\xa0\x80", b"2"]).view(pa.string())  # a UTF-8-encoded surrogate
+    table = pa.table({"prompt": ["1+1="] * 4, "chosen": chosen, "rejected": ["3"] * 4})
+    pq.write_table(table, tmp_path / "train.parquet")
+    in_memory = datasets.Dataset(table)
+    in_memory.save_to_disk(str(tmp_path / "saved"))
+    for source in (str(tmp_path / "train.parquet"), in_memory, str(tmp_path / "saved")):
+        with pytest.raises(DataError) as info:
+            load_preference_data(source, tokenizer, progress=False, **LIMITS)
+        assert (info.value.row, info.value.reason, info.value.field) == (3, "invalid_utf8", "chosen")
+        dataset, report = load_preference_data(source, tokenizer, on_bad_row="skip", progress=False, **LIMITS)
+        assert report.skipped == {"invalid_utf8": 1} and dataset.row_numbers == [1, 2, 4]
+
+
+@pytest.mark.parametrize(("case", "line", "reason", "field"), HOSTILE, ids=HOSTILE_IDS)
+def test_cli_hostile_row_exits_2_or_is_counted(
+    tmp_path, write_config, capsys, no_model_load, case, line, reason, field
+):
+    data = _hostile_file(tmp_path, line, "jsonl")
+    config = write_config(tmp_path / "cfg.yaml", data, tmp_path / "run", data=LIMITS)
+    assert _cli(config) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tether train: error: {data}, line 3") and reason in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_skip_mode_counts_every_hostile_row(tmp_path, write_config):
+    lines = [GOOD_LINE, GOOD_LINE, *(line for _, line, _, _ in HOSTILE), GOOD_LINE, GOOD_LINE]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.yaml", data, out, data={**LIMITS, "on_bad_row": "skip"})
+    assert _cli(config, "optim.max_steps=1") == 0
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["skipped"] == {"lone_surrogate": 2, "nested_too_deep": 2, "number_too_long": 1}
+    assert report["example_rows"] == {
+        "lone_surrogate": [6, 7],
+        "nested_too_deep": [4, 5],
+        "number_too_long": [3],
+    }
+    assert report["kept"] == 4 and report["total"] == len(lines)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [(line, reason) for _, line, reason, _ in HOSTILE[:-1]] + [(b'{"prompt": "caf\xe9"}', "invalid_utf8")],
+    ids=[*HOSTILE_IDS[:-1], "latin1_bytes"],
+)
+def test_eval_prompt_file_hostile_line_exits_2(tmp_path, model_dir, capsys, line, reason):
+    """`tether eval` reads its prompt file with the same checks and stops before loading a model."""
+    prompts = tmp_path / "prompts.jsonl"
+    if isinstance(line, str):
+        line = line.replace('"chosen"', '"answer"').encode("utf-8")
+    prompts.write_bytes(b'{"prompt": "1+1="}\n' + line + b"\n")
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"models: [{{name: m, path: {model_dir}}}]\nprompts: {prompts}\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    assert cli.main(["eval", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tether eval: prompts: {prompts} line 2") and reason in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -15,6 +15,9 @@ from typing import Any
 # Reading the file.
 INVALID_JSON = "invalid_json"
 INVALID_UTF8 = "invalid_utf8"
+NUMBER_TOO_LONG = "number_too_long"
+NESTED_TOO_DEEP = "nested_too_deep"
+LONE_SURROGATE = "lone_surrogate"
 # Checking the fields of one row.
 MISSING_FIELD = "missing_field"
 NULL_FIELD = "null_field"
@@ -30,10 +33,18 @@ PROMPT_TOO_LONG = "prompt_too_long"
 EMPTY_RESPONSE_AFTER_TRUNCATION = "empty_response_after_truncation"
 IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
 
+# Objects and lists nested deeper than this in a row are `nested_too_deep` (deeper ones would reach Python's
+# recursion limit in the JSON parser, in comparisons or in the chat template).
+MAX_NESTING = 100
+
 # What to do about each reason; the error message quotes it.
 REASON_FIXES: dict[str, str] = {
     INVALID_JSON: "fix the JSON on that line (a JSONL file holds one JSON object per line)",
     INVALID_UTF8: "re-encode the file as UTF-8",
+    NUMBER_TOO_LONG: "write the number as a string, or drop it: Python reads integers of at most 4300 digits",
+    NESTED_TOO_DEEP: f"flatten the row: objects and lists may be nested at most {MAX_NESTING} levels deep",
+    LONE_SURROGATE: "replace the lone UTF-16 surrogate escape (\\ud800 to \\udfff without its pair) by the "
+    "character meant, or remove it: it is not a character and no tokenizer can encode it",
     MISSING_FIELD: "add the field: every row needs 'chosen' and 'rejected', and 'prompt' unless the whole "
     "file uses the implicit-prompt form (its first row has no 'prompt'); every message needs 'role' and "
     "'content'",

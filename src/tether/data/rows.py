@@ -6,7 +6,9 @@ continue it. Implicit-prompt form (TRL's `extract_prompt`): no `prompt`; `chosen
 texts or conversations and the prompt is their longest common prefix (see `split_implicit_prompt`).
 
 `parse_row` returns a `PreferenceExample` or a `BadRow` with the first problem found, checking in this order:
-the row is an object; each field is present (`missing_field`), not null (`null_field`), text or a list
+the row is an object; no value in it is nested deeper than `MAX_NESTING` (`nested_too_deep`) and no text in
+it, keys included, holds a lone UTF-16 surrogate (`lone_surrogate`: JSON's "\ud800" escape decodes to one, and
+tokenizers raise on it); each field is present (`missing_field`), not null (`null_field`), text or a list
 (`wrong_type`), all three of the same kind (`wrong_type`); text is not blank and message lists are not empty
 (`empty_field`); each message is an object with a known `role` (`unknown_role`) and string `content`
 (`wrong_type`); chosen differs from rejected (`identical_responses`, compared before tokenization).
@@ -15,6 +17,7 @@ the row is an object; each field is present (`missing_field`), not null (`null_f
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +25,10 @@ from tether.data.errors import (
     EMPTY_FIELD,
     IDENTICAL_RESPONSES,
     INVALID_JSON,
+    LONE_SURROGATE,
+    MAX_NESTING,
     MISSING_FIELD,
+    NESTED_TOO_DEEP,
     NULL_FIELD,
     UNKNOWN_ROLE,
     WRONG_TYPE,
@@ -76,6 +82,9 @@ def parse_row(row: Any, *, implicit_prompt: bool = False) -> PreferenceExample |
             None,
             f"a row must be an object with 'prompt', 'chosen' and 'rejected', got {_kind(row)}",
         )
+    bad = check_values(row)
+    if bad is not None:
+        return bad
     implicit = implicit_prompt and "prompt" not in row
     names = FIELDS[1:] if implicit else FIELDS
     for name in names:
@@ -125,6 +134,40 @@ def parse_row(row: Any, *, implicit_prompt: bool = False) -> PreferenceExample |
     if not isinstance(kwargs, dict):
         return BadRow(WRONG_TYPE, "chat_template_kwargs", f"expected an object, got {_kind(kwargs)}")
     return PreferenceExample(prompt, chosen, rejected, tools=tools, chat_template_kwargs=kwargs)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_values(row: dict[str, Any]) -> BadRow | None:
+    """`nested_too_deep` or `lone_surrogate` for the first such value of `row`, walked without recursion (the row
+    itself is level 1), else None. A surrogate names the path to its text (e.g. "chosen[0].content"), a nesting
+    the top-level field that holds it."""
+    stack: list[tuple[Any, str | None, str | None, int]] = [(row, None, None, 1)]
+    while stack:
+        value, where, top, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and (found := _SURROGATE.search(value)):
+                return BadRow(
+                    LONE_SURROGATE,
+                    where,
+                    f"{found.group()!r} at character {found.start()} is half of a UTF-16 pair, not a character",
+                )
+        elif isinstance(value, dict | list) and depth > MAX_NESTING:
+            return BadRow(
+                NESTED_TOO_DEEP, top, f"objects or lists nested more than {MAX_NESTING} levels deep"
+            )
+        elif isinstance(value, dict):
+            inner = []
+            for key, item in value.items():
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return BadRow(LONE_SURROGATE, where, f"the key {key!r} holds a lone surrogate")
+                path = str(key) if where is None else f"{where}.{key}"
+                inner.append((item, path, path if top is None else top, depth + 1))
+            stack.extend(reversed(inner))
+        elif isinstance(value, list):
+            stack.extend(reversed([(v, f"{where}[{i}]", top, depth + 1) for i, v in enumerate(value)]))
+    return None
 
 
 def split_implicit_prompt(chosen: str | Messages, rejected: str | Messages) -> tuple[Any, Any, Any]:

@@ -2,9 +2,11 @@
 
 `open_source(source, split=...)` checks the source up front (a missing file, a 0-byte file, an unknown
 extension, a folder that is not a saved dataset, a missing split: `DataError` at once) and returns a
-`RowSource`, which iterates `(row_number, row)` pairs. `row` is the parsed dict, or a `BadRow` for a line that
-could not be read (`invalid_json`, `invalid_utf8`) so that the caller can count or raise it; the reader never
-decides that for itself.
+`RowSource`, which iterates `(row_number, row)` pairs. `row` is the parsed dict, or a `BadRow` for a row that
+could not be read (`invalid_json`, `invalid_utf8`, `number_too_long`, `nested_too_deep`) so that the caller
+can count or raise it; the reader never decides that for itself. Python's JSON parser refuses integers of more
+than 4300 digits and recurses once per nesting level: both are bad rows here, never exceptions, in JSON lines
+and JSON arrays alike (an array is parsed one element at a time for that reason).
 
 Row numbers are 1-based: the physical line for JSONL (blank lines are not rows but keep their number, so an
 error names the line an editor shows), the row index (header excluded) for CSV, Parquet, JSON arrays and
@@ -17,13 +19,22 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tether.data.errors import INVALID_JSON, INVALID_UTF8, BadRow, DataError
+from tether.data.errors import (
+    INVALID_JSON,
+    INVALID_UTF8,
+    MAX_NESTING,
+    NESTED_TOO_DEEP,
+    NUMBER_TOO_LONG,
+    BadRow,
+    DataError,
+)
 
 RowIterator = Iterator[tuple[int, Any]]
 
@@ -107,6 +118,58 @@ def _count_lines(path: Path) -> int:
     return count + (last != b"\n")
 
 
+def parse_json(text: str) -> Any:
+    """`json.loads(text)`, or a `BadRow` for text that is not JSON or that Python's parser cannot build."""
+    try:
+        value, end = _decode(text, _WHITESPACE.match(text).end())
+        end = _WHITESPACE.match(text, end).end()
+        if end != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
+    except json.JSONDecodeError as exc:
+        return BadRow(INVALID_JSON, None, f"{exc.msg} (column {exc.colno})")
+    return value
+
+
+def _decode(text: str, start: int) -> tuple[Any, int]:
+    """(value, index after it) for the JSON value at text[start], as `json.JSONDecoder.raw_decode`; the value is
+    a `BadRow` (and the index found by `_skip_value`) where the parser recursed too deep or met an integer too
+    long for `int`. Invalid JSON raises `json.JSONDecodeError`."""
+    try:
+        return _DECODER.raw_decode(text, start)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        detail = (
+            f"objects or lists nested beyond Python's recursion limit (at most {MAX_NESTING} are allowed)"
+        )
+        return BadRow(NESTED_TOO_DEEP, None, detail), _skip_value(text, start)
+    except ValueError as exc:  # int(): "Exceeds the limit (4300 digits) for integer string conversion ..."
+        return BadRow(NUMBER_TOO_LONG, None, str(exc).split(";")[0]), _skip_value(text, start)
+
+
+_DECODER = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _skip_value(text: str, start: int) -> int:
+    """The index after the JSON value at text[start:] (which the parser could not build), found by matching
+    brackets outside strings without recursion; len(text) if it never closes."""
+    if text[start] not in "[{":
+        match = _NUMBER.match(text, start)
+        return match.end() if match else len(text)
+    depth = 0
+    for token in _STRING_OR_BRACKET.finditer(text, start):
+        if token.group() in "[{":
+            depth += 1
+        elif token.group() in "]}":
+            depth -= 1
+            if depth == 0:
+                return token.end()
+    return len(text)
+
+
 def _iter_json_lines(path: Path) -> RowIterator:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -119,10 +182,7 @@ def _iter_json_lines(path: Path) -> RowIterator:
                 continue
             if not text.strip():
                 continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield number, BadRow(INVALID_JSON, None, f"{exc.msg} (column {exc.colno})")
+            yield number, parse_json(text)
 
 
 def _open_json_array(path: Path) -> RowSource:
@@ -135,8 +195,32 @@ def _open_json_array(path: Path) -> RowSource:
             source=name,
             reason=INVALID_UTF8,
         ) from None
+    rows = list(enumerate(_json_array_elements(text, name), start=1))
+    return RowSource(name, "row", lambda: iter(rows), lambda: len(rows))
+
+
+def _json_array_elements(text: str, name: str) -> Iterator[Any]:
+    """The elements of the JSON array `text`, one at a time, so that an element the parser cannot build is a
+    `BadRow` of its own. Malformed JSON (nothing to resynchronize on) raises `DataError` for the file."""
+    index = _WHITESPACE.match(text, _WHITESPACE.match(text).end() + 1).end()  # past "[" (open_source saw it)
     try:
-        rows = json.loads(text)
+        if text.startswith("]", index):
+            index += 1
+        else:
+            while True:
+                value, index = _decode(text, index)
+                yield value
+                index = _WHITESPACE.match(text, index).end()
+                if text.startswith(",", index):
+                    index = _WHITESPACE.match(text, index + 1).end()
+                elif text.startswith("]", index):
+                    index += 1
+                    break
+                else:
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
+        index = _WHITESPACE.match(text, index).end()
+        if index != len(text):
+            raise json.JSONDecodeError("Extra data", text, index)
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{name}, line {exc.lineno}: invalid_json: {exc.msg} (column {exc.colno}); a .json file must "
@@ -145,7 +229,6 @@ def _open_json_array(path: Path) -> RowSource:
             row=exc.lineno,
             reason=INVALID_JSON,
         ) from None
-    return RowSource(name, "row", lambda: enumerate(rows, start=1), lambda: len(rows))
 
 
 def _open_parquet(path: Path) -> RowSource:
@@ -162,11 +245,38 @@ def _open_parquet(path: Path) -> RowSource:
     def iterate() -> RowIterator:
         number = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH):
-            for row in batch.to_pylist():
+            for row in _arrow_rows(batch):
                 number += 1
                 yield number, row
 
     return RowSource(name, "row", iterate, lambda: num_rows)
+
+
+def _arrow_rows(batch: Any) -> list[Any]:
+    """The rows of a pyarrow RecordBatch or Table as dicts. Arrow does not check that string columns hold
+    UTF-8 (a writer may put any bytes there); a row whose text cannot be decoded is an `invalid_utf8` BadRow
+    naming its column, instead of an exception for the whole batch."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    rows: list[Any] = []
+    for i in range(batch.num_rows):
+        row = batch.slice(i, 1)
+        try:
+            rows.append(row.to_pylist()[0])
+            continue
+        except UnicodeDecodeError as exc:
+            reason = exc.reason
+        column = None
+        for name in row.schema.names:
+            try:
+                row.column(name).to_pylist()
+            except UnicodeDecodeError:
+                column = name
+                break
+        rows.append(BadRow(INVALID_UTF8, column, f"the text is not valid UTF-8 ({reason})"))
+    return rows
 
 
 def _has_surrogates(text: str) -> bool:
@@ -238,10 +348,17 @@ def _open_in_memory(data: Any, split: str, *, name: str) -> RowSource:
 
     def iterate() -> RowIterator:
         number = 0
-        for batch in data.iter(batch_size=_BATCH):
-            columns = list(batch)
-            for values in zip(*(batch[c] for c in columns)):
+        for start in range(0, len(data), _BATCH):
+            stop = min(start + _BATCH, len(data))
+            try:
+                batch = data[start:stop]
+            except UnicodeDecodeError:  # a string column that is not UTF-8: find the rows, as for Parquet
+                rows = _arrow_rows(data.with_format("arrow")[start:stop])
+            else:
+                columns = list(batch)
+                rows = [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))]
+            for row in rows:
                 number += 1
-                yield number, dict(zip(columns, values))
+                yield number, row
 
     return RowSource(name, "row", iterate, lambda: len(data))

@@ -107,9 +107,17 @@ def _tokenize_conversation(
             out = tokenizer.apply_chat_template(
                 messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt, **kwargs
             )
+            out = list(out["input_ids"])
         except Exception as exc:  # the template is user code (raise_exception, missing keys, ...)
             return BadRow(TEMPLATE_ERROR, name, f"{type(exc).__name__}: {exc}")
-        ids.append(list(out["input_ids"]))
+        if not all(isinstance(i, int) for i in out):  # e.g. chat_template_kwargs {"return_tensors": "pt"}
+            return BadRow(
+                TEMPLATE_ERROR,
+                name,
+                "apply_chat_template returned no list of token ids; chat_template_kwargs must not set its "
+                "own arguments (tokenize, return_dict, return_tensors, ...)",
+            )
+        ids.append(out)
     return _split_responses(ids[0], ids[1], ids[2], tokenizer)
 
 

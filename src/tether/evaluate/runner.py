@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from tether.data.errors import INVALID_UTF8, REASON_FIXES, BadRow
+from tether.data.rows import check_values
+from tether.data.sources import parse_json
 from tether.evaluate.config import ConfigError, EvalConfig, config_from_dict, load_config
 from tether.evaluate.diversity import distinct_n, pairwise_edit_distance, unique_answers
 from tether.evaluate.execution import SandboxConfig, sandbox_report
@@ -43,18 +46,7 @@ REFERENCE = "reference"
 def load_examples(cfg: EvalConfig) -> tuple[list[dict[str, Any]], Any]:
     """The prompt rows ({"prompt": str, ...}) and the task object (None for a JSONL source)."""
     if cfg.prompts is not None:
-        rows = []
-        with open(cfg.prompts, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"prompts: {cfg.prompts} line {lineno}: invalid JSON: {exc}") from exc
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise ConfigError(f"prompts: {cfg.prompts} line {lineno}: needs a string field 'prompt'")
-                rows.append(row)
+        rows = [_prompt_row(cfg.prompts, lineno, raw) for lineno, raw in _lines(cfg.prompts)]
         if cfg.num_prompts:
             rows = rows[: cfg.num_prompts]
         if not rows:
@@ -64,6 +56,30 @@ def load_examples(cfg: EvalConfig) -> tuple[list[dict[str, Any]], Any]:
     made = task.make_prompts(cfg.num_prompts, cfg.seed)
     rows = [dict(p) if isinstance(p, dict) else {"prompt": p} for p in made]
     return rows, task
+
+
+def _lines(path: str) -> list[tuple[int, bytes]]:
+    """(line number, bytes) of each non-blank line; a leading UTF-8 byte-order mark is dropped."""
+    with open(path, "rb") as f:
+        lines = f.read().removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    return [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _prompt_row(path: str, lineno: int, raw: bytes) -> dict[str, Any]:
+    """One prompt line read as training data is (the same bad-row reasons), or ConfigError naming the line."""
+    where = f"prompts: {path} line {lineno}"
+    try:
+        row = parse_json(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: {INVALID_UTF8}: byte {exc.start}: {exc.reason}") from None
+    if isinstance(row, BadRow):
+        bad = row
+    elif not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise ConfigError(f"{where}: needs a string field 'prompt'")
+    elif (bad := check_values(row)) is None:
+        return row
+    field = f" (field {bad.field!r})" if bad.field else ""
+    raise ConfigError(f"{where}{field}: {bad.reason}: {bad.detail}; to fix: {REASON_FIXES[bad.reason]}")
 
 
 def get_task(name: str | None) -> Any:
