@@ -178,9 +178,16 @@ def test_socket_connect_fails(work_root, report, listener) -> None:
     assert _nobody_connected(listener)
     if not report["network_namespace"]:
         pytest.skip("no network namespace on this machine: only the Python guard blocks sockets")
-    bare = run_program(CONNECT.format(module="socket", port=port), cfg(work_root, guard=False))
-    assert bare.status == "failed" and "unreachable" in bare.reason.lower()  # no route out of the namespace
+    # The namespace alone (seccomp off): no route out. With the seccomp filter, socket() itself is refused.
+    bare = run_program(
+        CONNECT.format(module="socket", port=port), cfg(work_root, guard=False, block_sockets=False)
+    )
+    assert bare.status == "failed" and "unreachable" in bare.reason.lower()
     assert _nobody_connected(listener)
+    if report["socket_filter"]:
+        filtered = run_program(CONNECT.format(module="socket", port=port), cfg(work_root, guard=False))
+        assert filtered.status == "failed" and "PermissionError" in filtered.reason
+        assert _nobody_connected(listener)
 
 
 def test_child_environment_is_fresh(work_root, monkeypatch) -> None:

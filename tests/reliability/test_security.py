@@ -289,3 +289,125 @@ def test_sandbox_guard_bypass_cannot_write_to_shared_tmp(report, world_writable,
         """
     _run(program, guard=guard)
     assert not target.exists(), "a sandboxed program wrote outside its folder"
+
+
+@pytest.fixture
+def unix_listener(world_writable):
+    """A path-based UNIX stream socket, mode 0777, in a world-writable folder outside any sandbox, and a
+    datagram one beside it: anyone on the machine may connect or send to them, unless a kernel filter stops it."""
+    import socket
+
+    stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream.bind(str(world_writable / "stream.sock"))
+    stream.listen(4)
+    stream.settimeout(0.5)
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dgram.bind(str(world_writable / "dgram.sock"))
+    dgram.settimeout(0.5)
+    for name in ("stream.sock", "dgram.sock"):
+        (world_writable / name).chmod(0o777)
+    yield stream, dgram
+    stream.close()
+    dgram.close()
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guard", "seccomp"])
+def test_sandbox_cannot_reach_a_unix_socket_outside(report, unix_listener, guard):
+    """The network namespace does not cover AF_UNIX: a path-based socket is reached through the file system.
+    `_socket.SocketType` is the class the Python guard does not replace, so only the seccomp filter stops it."""
+    if not report["socket_filter"]:
+        pytest.skip("no seccomp socket filter for this machine's architecture")
+    stream, dgram = unix_listener
+    program = f"""
+        import _socket as m
+        try:
+            s = m.SocketType(m.AF_UNIX, m.SOCK_STREAM)
+            s.connect({stream.getsockname()!r})
+            s.sendall(b"leak")
+            print("connected")
+        except OSError as exc:
+            print("refused", type(exc).__name__)
+        try:
+            a, b = m.socketpair(m.AF_UNIX, m.SOCK_DGRAM)  # a connected pair can still sendto() a path
+            a.sendto(b"leak", {dgram.getsockname()!r})
+            print("sent")
+        except OSError as exc:
+            print("refused", type(exc).__name__)
+        """
+    result = _run(program, guard=guard)
+    assert result.stdout.split() == ["refused", "PermissionError"] * 2, (result.stdout, result.stderr)
+    with pytest.raises(TimeoutError):
+        stream.accept()
+    with pytest.raises(TimeoutError):
+        dgram.recv(16)
+
+
+def test_sandbox_socket_filter_leaves_asyncio_working(report):
+    """asyncio's event loop needs a stream socketpair (its self-pipe): the filter allows exactly that. (With
+    the Python guard on, asyncio cannot even be imported: ssl subclasses the socket class the guard replaced.)"""
+    result = _run("import asyncio\nasync def f():\n    return 6 * 7\nprint(asyncio.run(f()))", guard=False)
+    assert result.passed and result.stdout.split() == ["42"], (result.reason, result.stderr)
+
+
+def test_sandbox_working_folder_is_bounded_in_total(report):
+    """RLIMIT_FSIZE bounds each file (16 MiB); the tmpfs working folder bounds all of them (64 MiB) and their
+    number (4096): files under the per-file limit fill it, then writes fail with ENOSPC."""
+    if not report["folder_bound"]:
+        pytest.skip("no mount namespace here: only the per-file limit applies")
+    program = """
+        import errno, os
+        written = 0
+        try:
+            for i in range(6):
+                with open(f"big{i}", "wb") as f:
+                    for _ in range(16):
+                        written += f.write(b"x" * (1 << 20))
+        except OSError as exc:
+            print("bytes refused", errno.errorcode[exc.errno], written)
+        made = 0
+        try:
+            for i in range(5000):
+                open(f"empty{i}", "wb").close()
+                made += 1
+        except OSError as exc:
+            print("files refused", errno.errorcode[exc.errno], made)
+        """
+    result = _run(program, timeout_s=30)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("bytes refused ENOSPC"), (result.stdout, result.stderr)
+    assert 48 << 20 <= int(lines[0].split()[-1]) <= 64 << 20  # three 16 MiB files fit, the fourth does not
+    assert lines[1].startswith("files refused ENOSPC") and int(lines[1].split()[-1]) < 4096
+
+
+# Forks as fast as it can for 1.5 s (RLIMIT_NPROC refuses most); every process then sleeps 30 s at most.
+FORK_BOMB_UNTIL = """
+import posix, time
+end = time.time() + 1.5
+while time.time() < end:
+    try:
+        posix.fork()
+    except OSError:
+        pass
+time.sleep(30)
+"""
+
+
+def test_sandbox_program_after_a_fork_bomb_starts_clean(report):
+    """The killed bomb's orphans count against the sandbox user's RLIMIT_NPROC until init reaps them; the run
+    waits for that, so the next program (which starts threads) is not refused."""
+    if not report["nproc_enforced"]:
+        pytest.skip("RLIMIT_NPROC is not enforced here (runs as root without a user to drop to)")
+    bomb = _run(FORK_BOMB_UNTIL, guard=False, timeout_s=3)
+    assert bomb.status == "timeout"
+    threads = """
+        import threading
+        done = []
+        workers = [threading.Thread(target=done.append, args=(i,)) for i in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        print(len(done))
+        """
+    after = _run(threads)
+    assert after.passed and after.stdout.split() == ["4"], (after.reason, after.stderr)

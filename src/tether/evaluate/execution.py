@@ -9,6 +9,16 @@ What is enforced by the kernel (real), set in the child between fork and exec (`
   RLIMIT_NOFILE (open descriptors), RLIMIT_CORE = 0, RLIMIT_NPROC (processes and threads of the user);
 - no network: a new, empty network namespace (`unshare(CLONE_NEWNET)`; only a loopback that is down), when
   the kernel allows it (root, or unprivileged user namespaces); `sandbox_report()` says whether it took;
+- no sockets at all: a seccomp filter refuses socket() of every family with EPERM (AF_UNIX included: a
+  path-based UNIX socket outside the sandbox is reached through the file system, which a network namespace
+  does not cover), socketpair() other than SOCK_STREAM, and io_uring_setup(); syscalls of another ABI (i386,
+  x32) are refused too. Built by hand in ctypes (`_SocketFilter`, no compiled dependency) for x86_64 and
+  aarch64; on another architecture there is no filter and `sandbox_report()["socket_filter"]` is False; a
+  kernel that refuses the filter on a known architecture stops the run ("sandbox could not start");
+- a bounded working folder: a private tmpfs of `max_dir_bytes` (64 MiB) and `max_dir_files` inodes mounted
+  over it in the child's own mount namespace (root, or an unprivileged user namespace), so all files together,
+  not only each one (RLIMIT_FSIZE), are bounded: a write past it fails with ENOSPC. The tmpfs is memory, freed
+  with the sandbox's last process; `sandbox_report()["folder_bound"]` says whether it took;
 - when the evaluator runs as root: the child drops to an unprivileged user (`nobody` by default) before exec.
   Only then is RLIMIT_NPROC enforced (Linux never applies it to uid 0) and do file permissions protect the
   evaluator's own files (also where Landlock is missing). If the interpreter is not readable by that user (e.g. it lives under
@@ -20,7 +30,10 @@ What is enforced by the kernel (real), set in the child between fork and exec (`
   the kernel supports Landlock ABI 6, the child also cannot signal processes outside its own sandbox.
   `sandbox_report()["write_confinement"]` says whether it took;
 - no_new_privs (setuid binaries gain nothing) and a parent-death signal (the child dies with the evaluator);
-- the wall-clock timeout kills the whole process group (SIGKILL), and so does the end of every run.
+- the wall-clock timeout kills the whole process group (SIGKILL), and so does the end of every run; the run
+  then waits (at most 10 s) until the group is empty, i.e. until init has reaped every orphan, because until
+  then they count against the sandbox user's RLIMIT_NPROC: after a fork bomb, the next program could not
+  start a thread.
 
 What is best-effort (Python-level, `guard=True`; bypassable by determined code, as HumanEval's own
 `reliability_guard` warns): socket creation raises PermissionError; `os.fork`, `os.system`, `os.kill`,
@@ -57,8 +70,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
+CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 # Landlock (include/uapi/linux/landlock.h); the syscall numbers are the same on every architecture.
@@ -70,6 +85,29 @@ _FS_WRITE_FILE, _FS_TRUNCATE, _FS_REFER = 1 << 1, 1 << 14, 1 << 13
 # remove_dir, remove_file, make_char, make_dir, make_reg, make_sock, make_fifo, make_block, make_sym
 _FS_CHANGE_TREE = sum(1 << bit for bit in range(4, 13))
 PROGRAM_FILE = "program.py"
+# seccomp (include/uapi/linux/seccomp.h, filter.h, audit.h).
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ALLOW, SECCOMP_RET_EPERM = 0x80000000, 0x7FFF0000, 0x00050000 | 1
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_AND_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x54, 0x06
+_SOCK_STREAM, _SOCK_TYPE_MASK = 1, 0xF
+X32_SYSCALL_BIT = 0x40000000
+
+
+@dataclass(frozen=True)
+class _SyscallTable:
+    """What the socket filter needs to know of one architecture: its AUDIT_ARCH id and syscall numbers."""
+
+    audit_arch: int
+    socket: int
+    socketpair: int
+    io_uring_setup: int
+    x32: bool = False  # x86_64 also accepts x32 calls (nr | X32_SYSCALL_BIT) under the same arch id
+
+
+_SYSCALL_TABLES = {
+    "x86_64": _SyscallTable(0xC000003E, socket=41, socketpair=53, io_uring_setup=425, x32=True),
+    "aarch64": _SyscallTable(0xC00000B7, socket=198, socketpair=199, io_uring_setup=425),
+}
 
 Status = Literal["passed", "failed", "timeout"]
 
@@ -83,10 +121,13 @@ class SandboxConfig:
     cpu_time_s: int | None = None  # RLIMIT_CPU, CPU seconds; None: ceil(timeout_s) + 1
     max_processes: int = 32  # RLIMIT_NPROC, processes + threads of the sandbox user (not enforced for root)
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE, bytes per written file (stdout/stderr included)
+    max_dir_bytes: int | None = 64 << 20  # size of the private tmpfs working folder, all files together
+    max_dir_files: int = 4096  # files and folders in that tmpfs (its nr_inodes)
     max_open_files: int = 256  # RLIMIT_NOFILE
     user: str | None = "auto"  # drop to this user when root; "auto": "nobody" if root; None: never drop
     python: str | None = None  # interpreter; None: sys.executable (or a same-version system python)
     isolate_network: bool = True  # new empty network namespace when the kernel allows it
+    block_sockets: bool = True  # seccomp filter: no socket() of any family (AF_UNIX included) in the child
     guard: bool = True  # best-effort Python-level guard in the child (sockets, fork, deletes, writes)
     work_root: str | None = None  # parent folder of the temporary working folders; None: the system tmp
     output_chars: int = 4000  # characters kept from the end of stdout and of stderr
@@ -170,6 +211,98 @@ class _Landlock:
             os.close(ruleset)
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]  # struct sock_fprog
+
+
+class _SocketFilter:
+    """A seccomp BPF program that refuses (EPERM) every new socket: socket() of any family (AF_UNIX included,
+    which the network namespace does not cover: a path-based UNIX socket outside the sandbox is reachable
+    through the file system), socketpair() other than SOCK_STREAM (a datagram pair could sendto() a path), and
+    io_uring_setup() (io_uring can open and connect sockets without those syscalls). A stream socketpair
+    stays allowed: it reaches nothing outside the process tree, and asyncio's event loop needs one. A syscall
+    made under another architecture (i386 int 0x80 on x86_64) kills the process, so nothing goes around the
+    numbers checked here; so does none of that happen where the machine is not in `_SYSCALL_TABLES`: there no
+    filter is built, and `sandbox_report()["socket_filter"]` is False.
+    """
+
+    def __init__(self, table: _SyscallTable) -> None:
+        # struct seccomp_data: int nr (offset 0); __u32 arch (4); __u64 ip (8); __u64 args[6] (16 + 8 i);
+        # args[1]'s low 32 bits are at 24 on these little-endian machines.
+        ins: list[tuple[int, int, int, int]] = [
+            (_BPF_LD_W_ABS, 0, 0, 4),
+            (_BPF_JEQ_K, 1, 0, table.audit_arch),
+            (_BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+            (_BPF_LD_W_ABS, 0, 0, 0),
+        ]
+        if table.x32:
+            ins += [(_BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (_BPF_RET_K, 0, 0, SECCOMP_RET_EPERM)]
+        for nr in (table.socket, table.io_uring_setup):
+            ins += [(_BPF_JEQ_K, 0, 1, nr), (_BPF_RET_K, 0, 0, SECCOMP_RET_EPERM)]
+        ins += [
+            (_BPF_JEQ_K, 0, 4, table.socketpair),  # not socketpair: to the final ALLOW
+            (_BPF_LD_W_ABS, 0, 0, 24),  # its type argument
+            (_BPF_AND_K, 0, 0, _SOCK_TYPE_MASK),  # without SOCK_NONBLOCK / SOCK_CLOEXEC
+            (_BPF_JEQ_K, 1, 0, _SOCK_STREAM),
+            (_BPF_RET_K, 0, 0, SECCOMP_RET_EPERM),
+            (_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        ]
+        code = b"".join(struct.pack("=HBBI", *i) for i in ins)  # struct sock_filter
+        self._filter = ctypes.create_string_buffer(code, len(code))
+        self._prog = _SockFprog(len(ins), ctypes.addressof(self._filter))
+
+    @staticmethod
+    def for_machine() -> _SocketFilter | None:
+        table = _SYSCALL_TABLES.get(os.uname().machine)
+        return _SocketFilter(table) if table is not None and sys.platform.startswith("linux") else None
+
+    def apply(self, libc: ctypes.CDLL) -> None:
+        """In the child, after no_new_privs. Fails closed: a kernel that refuses the filter stops the run."""
+        if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(self._prog), 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "the seccomp socket filter could not be installed")
+
+
+def _map_own_ids(uid: int, gid: int) -> None:
+    """In a new user namespace: keep the uid and gid the process had outside (its files are then its own)."""
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+@dataclass(frozen=True)
+class _Workdir:
+    """A private tmpfs of bounded size mounted over the working folder, in the child's own mount namespace.
+
+    RLIMIT_FSIZE bounds each file; this bounds all of them together (bytes and number of files): a write past
+    it fails with ENOSPC. The mount is the child's alone (invisible to the evaluator, gone with the last
+    process of the sandbox), so the program file is written into it again from here.
+    """
+
+    path: str
+    size: int
+    inodes: int
+    program: bytes
+    owner: tuple[int, int] | None  # (uid, gid) of the sandbox user, when the child drops to one
+
+    def mount(self, libc: ctypes.CDLL) -> None:
+        if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            return  # never let the tmpfs show up in the evaluator's mount namespace
+        options = f"size={self.size},nr_inodes={self.inodes},mode=0700"
+        if self.owner is not None:
+            options += f",uid={self.owner[0]},gid={self.owner[1]}"
+        path = os.fsencode(self.path)
+        if libc.mount(b"tether-sandbox", path, b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) != 0:
+            return
+        os.chdir(self.path)  # into the tmpfs: the old cwd is the folder beneath it
+        fd = os.open(PROGRAM_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, self.program)
+            if self.owner is not None:
+                os.fchown(fd, *self.owner)
+        finally:
+            os.close(fd)
+
+
 @dataclass
 class _Preexec:
     """Runs in the forked child before exec: only syscalls on values prepared in the parent."""
@@ -180,12 +313,21 @@ class _Preexec:
     isolate_network: bool
     libc: ctypes.CDLL | None = field(default=None)
     landlock: _Landlock | None = None
+    socket_filter: _SocketFilter | None = None
+    workdir: _Workdir | None = None
 
     def __call__(self) -> None:
-        if self.libc is not None and self.isolate_network:
-            # Root may create a network namespace directly; others need a user namespace around it.
-            if self.libc.unshare(CLONE_NEWNET) != 0 and self.uid is None:
-                self.libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)
+        if self.libc is not None:
+            flags = (CLONE_NEWNET if self.isolate_network else 0) | (CLONE_NEWNS if self.workdir else 0)
+            # Root may create these namespaces directly; others need a user namespace around them.
+            if flags and self.libc.unshare(flags) != 0 and self.uid is None:
+                uid, gid = os.getuid(), os.getgid()  # before the new namespace: it maps nobody yet
+                if self.libc.unshare(CLONE_NEWUSER | flags) == 0:
+                    _map_own_ids(uid, gid)
+                else:
+                    flags = 0
+            if flags & CLONE_NEWNS and self.workdir is not None:
+                self.workdir.mount(self.libc)
         for which, value in self.limits:
             resource.setrlimit(which, (value, value))
         if self.uid is not None and self.gid is not None:
@@ -197,6 +339,8 @@ class _Preexec:
             self.libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
             if self.landlock is not None:
                 self.landlock.apply(self.libc)
+            if self.socket_filter is not None:
+                self.socket_filter.apply(self.libc)
 
 
 # The child's entry point: read the program, install the guard, run it as __main__.
@@ -249,7 +393,13 @@ _SIGNAL_REASONS = {
     signal.SIGXFSZ: "file size limit exceeded (RLIMIT_FSIZE)",
     signal.SIGKILL: "killed (SIGKILL)",
     signal.SIGSEGV: "segmentation fault",
+    signal.SIGSYS: "a system call of another architecture, refused by the sandbox's seccomp filter",
 }
+
+
+@functools.lru_cache(maxsize=1)
+def _socket_filter() -> _SocketFilter | None:
+    return _SocketFilter.for_machine() if _libc() is not None else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -361,6 +511,24 @@ def _failure_reason(returncode: int, stderr: str) -> str:
     return lines[-1].strip() if lines else f"exit code {returncode}"
 
 
+def _kill_group(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
+    """SIGKILL the program's process group and wait until it is empty: its orphans are reaped by init, and
+    until then they still count against the sandbox user's RLIMIT_NPROC (after a fork bomb the next program
+    could not even start a thread). kill(-pgid, 0) succeeds while any member, zombies included, is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.005)
+
+
 def run_program(program: str, config: SandboxConfig | None = None) -> ExecutionResult:
     """Run Python source `program` as __main__ in a sandboxed child process.
 
@@ -392,7 +560,16 @@ def run_program(program: str, config: SandboxConfig | None = None) -> ExecutionR
             (resource.RLIMIT_NPROC, cfg.max_processes),
         ]
         landlock = _Landlock.for_root(workdir, _Landlock.abi_version(_libc()))
-        preexec = _Preexec(limits, ident.uid, ident.gid, cfg.isolate_network, _libc(), landlock)
+        socket_filter = _socket_filter() if cfg.block_sockets else None
+        tmpfs = None
+        if cfg.max_dir_bytes is not None:
+            owner = (ident.uid, ident.gid) if ident.uid is not None and ident.gid is not None else None
+            tmpfs = _Workdir(
+                os.path.realpath(workdir), cfg.max_dir_bytes, cfg.max_dir_files, program.encode(), owner
+            )
+        preexec = _Preexec(
+            limits, ident.uid, ident.gid, cfg.isolate_network, _libc(), landlock, socket_filter, tmpfs
+        )
         cmd = [
             ident.python,
             "-I",
@@ -427,11 +604,7 @@ def run_program(program: str, config: SandboxConfig | None = None) -> ExecutionR
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                proc.wait()
+                _kill_group(proc)
         duration = time.monotonic() - start
         returncode = proc.returncode
         stdout, stderr = _tail(out_path, cfg.output_chars), _tail(err_path, cfg.output_chars)
@@ -474,7 +647,17 @@ try:
     confined = False
 except PermissionError:
     confined = True
-print(json.dumps({"uid": os.getuid(), "netns": os.readlink("/proc/self/ns/net"), "confined": confined}))
+import _socket  # SocketType: the class itself, which the Python guard does not replace
+try:
+    _socket.SocketType(_socket.AF_UNIX, _socket.SOCK_STREAM).close()
+    filtered = False
+except PermissionError:
+    filtered = True
+with open("/proc/self/mountinfo") as f:  # fields: ... mount point (5th) ... " - " fstype ...
+    mounts = [(line.split()[4], line.split(" - ")[1].split()[0]) for line in f]
+bounded = (os.getcwd(), "tmpfs") in mounts
+print(json.dumps({"uid": os.getuid(), "netns": os.readlink("/proc/self/ns/net"), "confined": confined,
+                  "filtered": filtered, "bounded": bounded}))
 """
 
 
@@ -483,12 +666,14 @@ def sandbox_report(config: SandboxConfig | None = None) -> dict[str, object]:
 
     Returns:
         {"python", "user_id", "nproc_enforced", "file_permissions", "network_namespace", "write_confinement",
-        "note"}:
+        "socket_filter", "folder_bound", "note"}:
         nproc_enforced: the child's real user is not root (Linux exempts uid 0 from RLIMIT_NPROC);
         file_permissions: the child runs as a different, unprivileged user than the evaluator, so the
         evaluator's files are protected by the kernel; network_namespace: the child's network namespace
         differs from the evaluator's; write_confinement: the kernel (Landlock) refuses the child's writes outside
-        its working directory.
+        its working directory; socket_filter: the kernel (seccomp) refuses the child's socket(AF_UNIX) (False
+        where the filter is off or the machine's architecture has no syscall table here); folder_bound: the
+        working folder is the private tmpfs of `max_dir_bytes` (False where no mount namespace could be made).
     """
     cfg = config or SandboxConfig()
     ident = _identity(cfg.user, cfg.python)
@@ -504,5 +689,7 @@ def sandbox_report(config: SandboxConfig | None = None) -> dict[str, object]:
         "file_permissions": dropped,
         "network_namespace": probe["netns"] != os.readlink("/proc/self/ns/net"),
         "write_confinement": probe["confined"],
+        "socket_filter": probe["filtered"],
+        "folder_bound": probe["bounded"],
         "note": ident.note,
     }
