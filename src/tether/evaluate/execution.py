@@ -221,9 +221,9 @@ class _SocketFilter:
     through the file system), socketpair() other than SOCK_STREAM (a datagram pair could sendto() a path), and
     io_uring_setup() (io_uring can open and connect sockets without those syscalls). A stream socketpair
     stays allowed: it reaches nothing outside the process tree, and asyncio's event loop needs one. A syscall
-    made under another architecture (i386 int 0x80 on x86_64) kills the process, so nothing goes around the
-    numbers checked here; so does none of that happen where the machine is not in `_SYSCALL_TABLES`: there no
-    filter is built, and `sandbox_report()["socket_filter"]` is False.
+    made under another ABI, whose numbers differ, cannot go around the numbers checked here: one of another
+    architecture (i386 `int 0x80` on x86_64) kills the process, an x32 one fails with EPERM. A machine that is
+    not in `_SYSCALL_TABLES` gets no filter, and `sandbox_report()["socket_filter"]` is False there.
     """
 
     def __init__(self, table: _SyscallTable) -> None:
