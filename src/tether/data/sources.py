@@ -6,7 +6,7 @@ extension, a folder that is not a saved dataset, a missing split: `DataError` at
 could not be read (`invalid_json`, `invalid_utf8`, `number_too_long`, `nested_too_deep`) so that the caller
 can count or raise it; the reader never decides that for itself. Python's JSON parser refuses integers of more
 than 4300 digits and recurses once per nesting level: both are bad rows here, never exceptions, in JSON lines
-and JSON arrays alike (an array is parsed one element at a time for that reason).
+and JSON arrays alike (an array that fails to parse as a whole is parsed again one element at a time).
 
 Row numbers are 1-based: the physical line for JSONL (blank lines are not rows but keep their number, so an
 error names the line an editor shows), the row index (header excluded) for CSV, Parquet, JSON arrays and
@@ -195,7 +195,11 @@ def _open_json_array(path: Path) -> RowSource:
             source=name,
             reason=INVALID_UTF8,
         ) from None
-    rows = list(enumerate(_json_array_elements(text, name), start=1))
+    try:
+        elements = json.loads(text)  # 3-4x faster than one element at a time, which only failures need
+    except (ValueError, RecursionError):  # JSONDecodeError included: the slow path says where
+        elements = list(_json_array_elements(text, name))
+    rows = list(enumerate(elements, start=1))
     return RowSource(name, "row", lambda: iter(rows), lambda: len(rows))
 
 
