@@ -51,6 +51,12 @@ FAMILIES = [
         dict(logits_scaling=8.0, num_local_experts=2, num_experts_per_tok=1),
         HeadTransform(scale=0.125),
     ),
+    (
+        "MiniCPM3Config",  # divides the hidden states by hidden_size / dim_model_base = 4 before lm_head
+        "MiniCPM3ForCausalLM",
+        dict(dim_model_base=8, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8),
+        HeadTransform(scale=0.25),
+    ),
     ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.25), HeadTransform(scale=0.25)),
     ("Cohere2Config", "Cohere2ForCausalLM", dict(logit_scale=0.25), HeadTransform(scale=0.25)),
     ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(logits_scaling=0.25), HeadTransform(scale=0.25)),

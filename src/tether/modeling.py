@@ -42,6 +42,8 @@ LOGIT_SCALES: dict[str, tuple[str, str]] = {
         ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa"),
         ("logits_scaling", "divide"),  # logits = logits / config.logits_scaling
     ),
+    # lm_head(h / config.logits_scaling), a property: hidden_size / dim_model_base (equal: lm_head has no bias)
+    "minicpm3": ("logits_scaling", "divide"),
     **dict.fromkeys(
         ("cohere", "cohere2", "cohere2_moe"), ("logit_scale", "multiply")
     ),  # logits = logits * config.logit_scale
