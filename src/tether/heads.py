@@ -451,8 +451,8 @@ def token_stats(
     targets: (N,) token ids. ref_hidden: (N, H) the reference's final hidden states at the same positions,
     ref_weight: (V, H), ref_bias: (V,) or None (no gradient flows to any of them).
     transform, ref_transform: what the policy's and the reference's heads do to W h + b (`HeadTransform`).
-    Peak extra memory is at most two (chunk_size, V) buffers in the compute dtype, in forward and in backward,
-    reused by every chunk (see `_ChunkedHead`).
+    Peak extra memory is at most two (chunk_size, V) buffers in the compute dtype, in forward and in backward
+    (three in backward with a soft-capped policy head and kl), reused by every chunk (see `_ChunkedHead`).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
