@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from tether.heads import (
+    IDENTITY,
+    HeadTransform,
     StatRequest,
     TokenStats,
     response_positions,
@@ -313,6 +315,129 @@ def test_perturbed_logps_equal_policy_logps_at_reference(path):
         s = token_stats(hidden, weight, targets, ref_hidden=hidden, ref_weight=weight, request=request)
     assert torch.equal(s.relaxed_logps, s.logps.detach())
     assert torch.equal(s.tightened_logps, s.logps.detach())
+
+
+# --- head transforms (logit scale, soft-capping) ------------------------------------------------------------
+
+# The caps are small against these logits (|z| up to ~6), so tanh is far from linear.
+TRANSFORMS = [
+    (HeadTransform(scale=0.125), HeadTransform(scale=0.125)),  # Granite, logits_scaling=8
+    (HeadTransform(softcap=3.0), HeadTransform(softcap=3.0)),  # Gemma-2 style
+    (HeadTransform(scale=2.5, softcap=3.0), HeadTransform(scale=0.7, softcap=4.0)),  # both; reference differs
+    (HeadTransform(scale=2.5, softcap=3.0), IDENTITY),  # a plain reference for a transformed policy
+]
+
+
+def transformed_pair(inp, with_ref, request, chunk_size, transforms):
+    """(chunked, plain) statistics with head transforms: the plain path gets the transformed full logits."""
+    transform, ref_transform = transforms
+    b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    for x in leaves(inp) + leaves(b):
+        x.requires_grad_()
+    kwargs = dict(bias=inp["bias"], request=request, chunk_size=chunk_size, transform=transform)
+    if with_ref:
+        kwargs.update(
+            ref_hidden=inp["ref_hidden"],
+            ref_weight=inp["ref_weight"],
+            ref_bias=inp["ref_bias"],
+            ref_transform=ref_transform,
+        )
+    got = token_stats(inp["hidden"], inp["weight"], inp["targets"], **kwargs)
+    ref_logits = (
+        ref_transform(full_logits(b["ref_hidden"], b["ref_weight"], b["ref_bias"])) if with_ref else None
+    )
+    logits = transform(full_logits(b["hidden"], b["weight"], b["bias"]))
+    want = token_stats_from_logits(logits, b["targets"], ref_logits, request=request)
+    return got, want, leaves(inp), leaves(b)
+
+
+@pytest.mark.parametrize("transforms", TRANSFORMS, ids=lambda t: f"{t[0]}/{t[1]}")
+@pytest.mark.parametrize("with_ref,request_", CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("chunk_size", [1, 7])
+def test_transformed_head_equals_full_transformed_logits(chunk_size, with_ref, request_, transforms):
+    """With a head transform l = c tanh(s z / c) (or s z), token_stats equals token_stats_from_logits on the
+    transformed full logits (the reference's with its own transform): every statistic to 1e-10 and the gradients
+    wrt hidden, weight and bias to 1e-10 (float64), for every StatRequest."""
+    got, want, x_got, x_want = transformed_pair(make_inputs(), with_ref, request_, chunk_size, transforms)
+    for name in FIELDS:
+        g, w = getattr(got, name), getattr(want, name)
+        assert (g is None) == (w is None), name
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-10, msg=name)
+    for g, w, name in zip(
+        torch.autograd.grad(scalar(got), x_got), torch.autograd.grad(scalar(want), x_want), "hwb"
+    ):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-10, msg=name)
+
+
+def test_transform_changes_the_statistics():
+    """The comparison above could pass with a transform that is ignored on both paths: the transformed statistics
+    differ from the plain ones (by more than 0.1 nats somewhere) for a scale and for a cap alone."""
+    inp = make_inputs()
+    request = StatRequest(kl=True, epsilon=0.1, entropy=True)
+    base = chunked(inp, True, request, 7)
+    for t in (HeadTransform(scale=0.125), HeadTransform(softcap=3.0)):
+        got, *_ = transformed_pair(make_inputs(), True, request, 7, (t, t))
+        for name in FIELDS:
+            assert (getattr(got, name) - getattr(base, name)).abs().max() > 0.1, (t, name)
+
+
+@pytest.mark.parametrize("transforms", TRANSFORMS[1:3], ids=["cap", "scale+cap"])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        StatRequest(),
+        StatRequest(kl=True),
+        StatRequest(epsilon=0.1),
+        StatRequest(kl=True, epsilon=0.1, entropy=True),
+    ],
+    ids=["logps", "kl", "epsilon", "all"],
+)
+def test_gradcheck_with_head_transform(request_, transforms):
+    """Finite differences agree with the closed-form backward through the soft-cap and scale, wrt hidden, weight
+    and bias (float64, N=5 in chunks of 2), for the statistics of every objective: sequence log-probs (DPO, IPO,
+    cDPO, H-DPO), token KL (TDPO), the perturbed log-probs (epsilon-DPO; no gradient of their own)."""
+    inp = make_inputs(n=5, v=4, h=3)
+    x = [inp["hidden"].requires_grad_(), inp["weight"].requires_grad_(), inp["bias"].requires_grad_()]
+    transform, ref_transform = transforms
+
+    def f(hidden, weight, bias):
+        s = token_stats(
+            hidden,
+            weight,
+            inp["targets"],
+            bias=bias,
+            ref_hidden=inp["ref_hidden"],
+            ref_weight=inp["ref_weight"],
+            ref_bias=inp["ref_bias"],
+            request=request_,
+            chunk_size=2,
+            transform=transform,
+            ref_transform=ref_transform,
+        )
+        return (s.logps, s.kl) if request_.kl else s.logps
+
+    assert torch.autograd.gradcheck(f, x, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_soft_capped_scaled_logprob_hand_made():
+    """V=2, H=1, weight [[0], [1]], hidden 4, so z = [0, 4]; scale 0.5, cap 2: l = [0, 2 tanh(1)] =
+    [0, 1.5231883119115297]. log p(1) = -log(1 + exp(-l_1)) = -0.19722303923521486, and
+    d log p(1) / d hidden = (1 - p(1)) * 0.5 * (1 - tanh(1)^2) = 0.037586129509363075."""
+    hidden = torch.tensor([[4.0]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    s = token_stats(hidden, weight, torch.tensor([1]), transform=HeadTransform(scale=0.5, softcap=2.0))
+    torch.testing.assert_close(s.logps, torch.tensor([-0.19722303923521486], dtype=torch.float64))
+    (g,) = torch.autograd.grad(s.logps.sum(), [hidden])
+    torch.testing.assert_close(g, torch.tensor([[0.037586129509363075]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(scale=0.0), dict(scale=-1.0), dict(scale=float("nan")), dict(softcap=0.0)]
+)
+def test_head_transform_rejects_meaningless_values(bad):
+    with pytest.raises(ValueError, match="HeadTransform"):
+        HeadTransform(**bad)
 
 
 def test_response_positions_and_sequence_sums_hand_made():

@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tether.config import ConfigError
     from tether.data import DataError
+    from tether.modeling import UnsupportedModelError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, UnsupportedModelError) as exc:
         print(f"tether {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

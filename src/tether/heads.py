@@ -14,6 +14,13 @@ and the per-token KL:
     d KL_t / d z     = p - p_ref                (KL_t = sum_v p_ref,v (log p_ref,v - log p_v))
 Everything else (reference log-probs, perturbed log-probs, entropy) is computed without gradient.
 
+Some models transform W h + b before their logits (`HeadTransform`): a constant scale s (Granite divides by
+`logits_scaling`, Cohere multiplies by `logit_scale`) and Gemma-style soft-capping c, applied in that order:
+    l = c * tanh(s z / c)   (l = s z without a cap),   z = W h + b.
+Every statistic is computed from l (and the reference's own l_ref), and the backward multiplies d/dl by
+    dl/dz = s * (1 - (l / c)^2)   (s without a cap),
+which is how autograd differentiates tanh too (from its output).
+
 `token_stats_from_logits` computes the same statistics with plain autograd from logits that are already
 materialized; it backs `tether.functional` and is the reference the chunked path is tested against.
 Precision: the head matmul runs in the hidden states' dtype, as the model's own lm_head would (bf16 hidden
@@ -25,12 +32,64 @@ would cost a float32 copy of the (V, H) weight per call.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a model applies to z = W h + b to get its logits: l = softcap * tanh(scale * z / softcap).
+
+    scale: a constant multiplier (> 0); 1 for a plain head. softcap: the cap c (> 0) of Gemma-style final-logit
+    soft-capping, applied after the scale, or None for none. `tether.modeling.head_transform` reads it from a
+    model's config.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"HeadTransform.scale must be a finite number > 0, got {self.scale!r}")
+        if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0):
+            raise ValueError(
+                f"HeadTransform.softcap must be None or a finite number > 0, got {self.softcap!r}"
+            )
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits of z (any shape), out of place and differentiable."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def apply_(self, z: torch.Tensor) -> torch.Tensor:
+        """`self(z)` in place (no gradient): z becomes the logits."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    def slope_(self, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """dl/dz = scale * (1 - (l / softcap)^2) from the logits l, into `out` (needs a softcap)."""
+        return torch.div(logits, self.softcap, out=out).square_().neg_().add_(1.0).mul_(self.scale)
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"scale": self.scale, "softcap": self.softcap}
+
+
+IDENTITY = HeadTransform()
 
 
 @dataclass(frozen=True)
@@ -141,11 +200,16 @@ def token_stats_from_logits(
 
 
 def _logits_into(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    transform: HeadTransform,
+    out: torch.Tensor,
 ) -> torch.Tensor:
     """(n, H) x (V, H) -> (n, V) logits written into a preallocated buffer `out` (no new allocation per chunk).
 
-    The matmul runs in the hidden states' dtype; `out` (the compute dtype, >= float32) receives the result.
+    The matmul runs in the hidden states' dtype; `out` (the compute dtype, >= float32) receives the result,
+    then the bias and the head transform are applied to it in place.
     """
     if out.dtype == hidden.dtype:
         torch.mm(hidden, weight.t(), out=out)
@@ -153,7 +217,21 @@ def _logits_into(
         out.copy_(hidden @ weight.t())
     if bias is not None:
         out.add_(bias)
-    return out
+    return transform.apply_(out)
+
+
+def head_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    transform: HeadTransform = IDENTITY,
+) -> torch.Tensor:
+    """The (n, V) logits the chunked head computes for hidden (n, H), materialized (no grad): for checks only."""
+    with torch.no_grad():
+        out = torch.empty(
+            hidden.shape[0], weight.shape[0], dtype=_compute_dtype(hidden.dtype), device=hidden.device
+        )
+        return _logits_into(hidden, weight.to(hidden.dtype), bias, transform, out)
 
 
 def _logsumexp_(z: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,11 +300,24 @@ class _ChunkedHead(torch.autograd.Function):
     Memory: the (n, V) buffers are allocated once per call and reused by every chunk. Sequence statistics
     (logps, ref_logps, entropy) need two buffers of chunk_size rows in forward and one in backward; statistics
     of the reference distribution (kl, epsilon) need four in forward, so their forward chunks are half as long
-    (the same memory), and two in backward.
+    (the same memory), and two in backward; a soft-capped policy head needs one more in backward (dl/dz).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, request, chunk_size):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        targets,
+        request,
+        chunk_size,
+        transform,
+        ref_transform,
+    ):
         n, vocab = hidden.shape[0], weight.shape[0]
         dtype = _compute_dtype(hidden.dtype)
         device = hidden.device
@@ -247,11 +338,11 @@ class _ChunkedHead(torch.autograd.Function):
             z, work = buffers[0][:k], buffers[1][:k]
             scratch = buffers[3][:k] if joint else None
             z_ref = (buffers[2][:k] if joint else z) if has_ref else None
-            _logits_into(hidden[sl], weight_c, bias, z)
+            _logits_into(hidden[sl], weight_c, bias, transform, z)
             chunk = _chunk_forward(
                 z,
                 z_ref,
-                lambda buf, sl=sl: _logits_into(ref_hidden[sl], ref_weight_c, ref_bias, buf),
+                lambda buf, sl=sl: _logits_into(ref_hidden[sl], ref_weight_c, ref_bias, ref_transform, buf),
                 work,
                 scratch,
                 targets[sl],
@@ -266,6 +357,7 @@ class _ChunkedHead(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse, lse_ref)
         ctx.request = request
         ctx.chunk_size = chunk_size
+        ctx.transforms = (transform, ref_transform)
         # Outputs must be tensors: absent statistics come back as empty tensors and are mapped to None.
         results = [out[k] if out[k] is not None else hidden.new_empty(0, dtype=dtype) for k in _FIELDS]
         ctx.mark_non_differentiable(*[r for i, r in enumerate(results) if i not in (0, 2)])
@@ -274,12 +366,13 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, _g_ref, grad_kl, _g_rel, _g_tight, _g_ent):
         with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return _ChunkedHead._backward(ctx, grad_logps, grad_kl)
+            return *_ChunkedHead._backward(ctx, grad_logps, grad_kl), None, None
 
     @staticmethod
     def _backward(ctx, grad_logps, grad_kl):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse, lse_ref = ctx.saved_tensors
         request, chunk_size = ctx.request, ctx.chunk_size
+        transform, ref_transform = ctx.transforms
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         use_kl = request.kl and grad_kl is not None and grad_kl.numel() > 0
         low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
@@ -295,21 +388,30 @@ class _ChunkedHead(torch.autograd.Function):
             grad_logps = torch.zeros_like(lse)
         buffer = torch.empty(rows, vocab, dtype=lse.dtype, device=hidden.device)
         ref_buffer = torch.empty(rows, vocab, dtype=lse.dtype, device=hidden.device) if use_kl else None
+        capped = transform.softcap is not None
+        slope_buffer = torch.empty(rows, vocab, dtype=lse.dtype, device=hidden.device) if capped else None
         for start in range(0, n, chunk_size):
             sl = slice(start, min(start + chunk_size, n))
             k = sl.stop - start
-            # p = softmax(z) = exp(z - lse), in place in the logits buffer
-            g = _logits_into(hidden[sl], weight_c, bias, buffer[:k]).sub_(lse[sl].unsqueeze(-1)).exp_()
+            logits = _logits_into(hidden[sl], weight_c, bias, transform, buffer[:k])
+            slope = transform.slope_(logits, slope_buffer[:k]) if capped else None  # dl/dz
+            # p = softmax(l) = exp(l - lse), in place in the logits buffer
+            g = logits.sub_(lse[sl].unsqueeze(-1)).exp_()
             g_lp = grad_logps[sl].unsqueeze(-1)
             # d logp/dz = onehot - p ; d KL/dz = p - p_ref: g = p (g_kl - g_lp) - p_ref g_kl + onehot g_lp
             if use_kl:
                 g_kl = grad_kl[sl].unsqueeze(-1)
-                p_ref = _logits_into(ref_hidden[sl], ref_weight_c, ref_bias, ref_buffer[:k])
+                p_ref = _logits_into(ref_hidden[sl], ref_weight_c, ref_bias, ref_transform, ref_buffer[:k])
                 p_ref.sub_(lse_ref[sl].unsqueeze(-1)).exp_()
                 g.mul_(g_kl - g_lp).addcmul_(p_ref, g_kl, value=-1)
             else:
                 g.mul_(-g_lp)
             g.scatter_add_(-1, targets[sl].unsqueeze(-1), g_lp)
+            # g = d/dl; chain rule to z = W h + b
+            if capped:
+                g.mul_(slope)
+            elif transform.scale != 1.0:
+                g.mul_(transform.scale)
             g_w = g.to(hidden.dtype)
             if need_h:
                 torch.mm(g_w, weight_c, out=grad_h[sl])
@@ -320,7 +422,7 @@ class _ChunkedHead(torch.autograd.Function):
                     grad_w += (g_w.t() @ hidden[sl]).to(acc_dtype)
             if need_b:
                 grad_b += g.sum(0).to(acc_dtype)
-            del g, g_w
+            del g, g_w, slope
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
@@ -339,6 +441,8 @@ def token_stats(
     ref_bias: torch.Tensor | None = None,
     request: StatRequest = StatRequest(),
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    transform: HeadTransform = IDENTITY,
+    ref_transform: HeadTransform = IDENTITY,
 ) -> TokenStats:
     """Per-token statistics of N response tokens, chunked over tokens.
 
@@ -346,8 +450,9 @@ def token_stats(
     weight: (V, H) the policy's output embedding (lm_head weight); bias: (V,) or None.
     targets: (N,) token ids. ref_hidden: (N, H) the reference's final hidden states at the same positions,
     ref_weight: (V, H), ref_bias: (V,) or None (no gradient flows to any of them).
-    Peak extra memory is at most two (chunk_size, V) buffers in the compute dtype, in forward and in backward,
-    reused by every chunk (see `_ChunkedHead`).
+    transform, ref_transform: what the policy's and the reference's heads do to W h + b (`HeadTransform`).
+    Peak extra memory is at most two (chunk_size, V) buffers in the compute dtype, in forward and in backward
+    (three in backward with a soft-capped policy head and kl), reused by every chunk (see `_ChunkedHead`).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -366,7 +471,17 @@ def token_stats(
     # The chunk matmuls choose their own precision (logits in >= float32); autocast must not recast them.
     with torch.autocast(hidden.device.type, enabled=False):
         outputs = _ChunkedHead.apply(
-            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, request, chunk_size
+            hidden,
+            weight,
+            bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            targets,
+            request,
+            chunk_size,
+            transform,
+            ref_transform,
         )
     present = _present(request, ref_hidden is not None)
     return TokenStats(**{n: (o if present[n] else None) for n, o in zip(_FIELDS, outputs)})

@@ -4,6 +4,11 @@ Models load from local folders only (no hub), from safetensors only (`use_safete
 `trust_remote_code` off unless configured. The forward pass never computes full logits: the model returns
 its final hidden states (logits only for the last position, `logits_to_keep=1`), the response positions are
 selected, and `tether.heads.token_stats` applies the output embedding chunk by chunk.
+
+That is only right if the model's logits are its output embedding of its final hidden state, up to a
+transform tether knows (`head_transform`: a constant scale, soft-capping). `load_causal_lm` checks it on
+every model it loads (`check_head_matches_logits`): the model's own forward on a few probe tokens must give
+the logits tether's head gives, or the model is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch import nn
 
 from tether.batch import PreferenceBatch
-from tether.heads import StatRequest, response_positions, token_stats
+from tether.heads import IDENTITY, HeadTransform, StatRequest, head_logits, response_positions, token_stats
 from tether.objectives import PairStats
 from tether.statistics import pair_stats
 
@@ -27,7 +32,78 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class UnsupportedModelError(ValueError):
-    """The model's output head is not a plain linear map of its final hidden states."""
+    """The model's logits are not what tether's chunked head computes from its final hidden states."""
+
+
+# How a family's ForCausalLM.forward scales W h + b, read from its modeling file in transformers:
+# model_type -> (config field, "multiply" | "divide").
+LOGIT_SCALES: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(
+        ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa"),
+        ("logits_scaling", "divide"),  # logits = logits / config.logits_scaling
+    ),
+    # lm_head(h / config.logits_scaling), a property: hidden_size / dim_model_base (equal: lm_head has no bias)
+    "minicpm3": ("logits_scaling", "divide"),
+    **dict.fromkeys(
+        ("cohere", "cohere2", "cohere2_moe"), ("logit_scale", "multiply")
+    ),  # logits = logits * config.logit_scale
+    "falcon_h1": ("lm_head_multiplier", "multiply"),  # lm_head(h) * config.lm_head_multiplier
+    "hyperclovax": ("logits_scaling", "multiply"),  # the name Granite divides by, multiplied
+}
+# Soft-capping, after any scale: logits = cap * tanh(logits / cap). Gemma-2, Gemma-3 and every other
+# transformers model that has it name the cap `final_logit_softcapping`; RecurrentGemma `logits_soft_cap`.
+SOFTCAP_FIELDS: dict[str, str] = {"recurrent_gemma": "logits_soft_cap"}
+DEFAULT_SOFTCAP_FIELD = "final_logit_softcapping"
+# Config fields that transform the logits in some family; named by the probe when a model fails it.
+_TRANSFORM_FIELDS = (
+    "logits_scaling",
+    "logit_scale",
+    "lm_head_multiplier",
+    "output_multiplier",
+    "final_logit_softcapping",
+    "logits_soft_cap",
+    "scale_width",
+    "dim_model_base",
+    "mup_width_multiplier",
+)
+# Probe tolerance, relative to the largest |logit| of the probe (at least 1): 1e-4 for float32 / float64,
+# far above matmul round-off (~sqrt(H) * 1.2e-7 of the logits' scale: a few 1e-6 for H = 4096) and far below
+# any real transform (a scale of 1/8 moves the largest logit by 7/8 of itself); 4 units in the last place
+# for 16-bit weights (bfloat16 4 * 2^-7, float16 4 * 2^-10): the model rounds its logits to 16 bits after
+# each step of its transform, tether rounds them once (it transforms in float32).
+PROBE_TOKENS = 8
+PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 4 * 2**-7, torch.float16: 4 * 2**-10}
+
+
+def _text_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config(decoder=True)
+    return cfg
+
+
+def head_transform(model: nn.Module) -> HeadTransform:
+    """What the model does to W h + b before its logits, from its config (`LOGIT_SCALES`, `SOFTCAP_FIELDS`).
+
+    Works on a causal LM or a PEFT model of one. A family not in `LOGIT_SCALES` gets scale 1; the load-time
+    probe (`check_head_matches_logits`) refuses it if its logits are scaled after all.
+    """
+    cfg = _text_config(model)
+    model_type = getattr(cfg, "model_type", None)
+    scale, cap = 1.0, None
+    if model_type in LOGIT_SCALES:
+        field, how = LOGIT_SCALES[model_type]
+        value = getattr(cfg, field, None)
+        if value is not None:
+            scale = 1.0 / float(value) if how == "divide" else float(value)
+    cap_field = SOFTCAP_FIELDS.get(model_type, DEFAULT_SOFTCAP_FIELD)
+    value = getattr(cfg, cap_field, None)
+    if value:  # None or 0: no capping (the models test `is not None`; a cap of 0 would divide by zero)
+        cap = float(value)
+    try:
+        return HeadTransform(scale=scale, softcap=cap)
+    except ValueError as err:
+        raise UnsupportedModelError(f"{type(model).__name__} ({model_type}): {err}") from None
 
 
 def load_tokenizer(config: ModelConfig):
@@ -56,18 +132,12 @@ def load_causal_lm(path: str, config: ModelConfig) -> nn.Module:
         **kwargs,
     )
     check_supported(model)
+    check_head_matches_logits(model, path)
     return model
 
 
 def check_supported(model: nn.Module) -> None:
-    """Reject heads that are not logits = W h (+ b): soft-capped or scaled logits would change the math."""
-    cfg = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        value = getattr(cfg, attr, None)
-        if value not in (None, 1.0):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} uses {attr}={value}; tether's chunked head computes logits = W h + b only"
-            )
+    """Reject output embeddings that the chunked head cannot read: it needs an nn.Linear's weight (and bias)."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise UnsupportedModelError(
@@ -87,10 +157,97 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(cfg, name, 0.0)
 
 
-def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (V, H), bias (V,) or None) of the model's output embedding (unwrap DDP/PEFT first)."""
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, HeadTransform]:
+    """(weight (V, H), bias (V,) or None, transform) of the model's output head (unwrap DDP/PEFT first)."""
     head = model.get_output_embeddings()
-    return head.weight, head.bias
+    return head.weight, head.bias, head_transform(model)
+
+
+def _probe_ids(vocab: int, device: torch.device) -> torch.Tensor:
+    """(1, PROBE_TOKENS) fixed token ids spread over the vocabulary (a stride prime to any vocabulary size)."""
+    return torch.tensor([[(1 + 7919 * i) % vocab for i in range(PROBE_TOKENS)]], device=device)
+
+
+@torch.no_grad()
+def check_head_matches_logits(model: nn.Module, name: str | None = None) -> None:
+    """Refuse a model whose own logits tether's head does not reproduce.
+
+    Runs the model's forward on PROBE_TOKENS fixed tokens (eval mode, no grad) and compares its logits with
+    the chunked head's: final hidden state -> W h + b -> `head_transform(model)`. They must agree within
+    PROBE_RTOL[dtype] x max(1, max |logit|); otherwise `UnsupportedModelError` names the model class, the
+    largest difference and the likely cause. Works with tied embeddings (the head reads the same weight).
+    name: shown in the error (the model's folder).
+    """
+    weight, bias, transform = output_head(model)
+    embeddings = model.get_input_embeddings()
+    vocab = min(weight.shape[0], getattr(embeddings, "num_embeddings", weight.shape[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=_probe_ids(vocab, weight.device), output_hidden_states=True, use_cache=False)
+    finally:
+        model.train(was_training)
+    what = f"{type(model).__name__}" + (f" ({name})" if name else "")
+    hidden = getattr(out, "hidden_states", None)
+    if not hidden:
+        raise UnsupportedModelError(
+            f"{what} returns no hidden states (output_hidden_states=True): tether needs them"
+        )
+    theirs = out.logits[0].to(torch.float64)
+    plain = head_logits(hidden[-1][0], weight, bias).to(torch.float64)  # W h + b
+    if theirs.shape != plain.shape:
+        raise UnsupportedModelError(
+            f"{what}: its logits have shape {tuple(theirs.shape)} on {PROBE_TOKENS} probe tokens, tether's head"
+            f" gives {tuple(plain.shape)} (a vocabulary slice or padding in the model's forward?)"
+        )
+    magnitude = max(1.0, float(theirs.abs().max()))
+    rtol = PROBE_RTOL.get(weight.dtype, 1e-4)
+    tol = rtol * magnitude
+    # Log-probs are what tether uses (shifting a whole row of logits changes none); a logit error d moves
+    # them by at most 2 d.
+    diff = float((transform(plain).log_softmax(-1) - theirs.log_softmax(-1)).abs().max())
+    if not diff <= 2 * tol:  # (also refuses NaN)
+        cause = _likely_cause(model, transform, plain, theirs, tol)
+        raise UnsupportedModelError(
+            f"{what}: the model's own log-probs differ from tether's head's (final hidden state -> W h + b ->"
+            f" {transform} -> log-softmax) by up to {diff:.4g} on {PROBE_TOKENS} probe tokens, beyond the"
+            f" tolerance {2 * tol:.3g} (2 x {rtol:.3g} x max(1, largest |logit|) = {magnitude:.4g}, in"
+            f" {weight.dtype}). Likely cause: {cause}. Training would use wrong log-probs, so the model is"
+            " refused."
+        )
+
+
+def _likely_cause(
+    model: nn.Module, transform: HeadTransform, plain: torch.Tensor, theirs: torch.Tensor, tol: float
+) -> str:
+    """Why the model's logits `theirs` differ from `transform(plain)`, plain = W h + b (both (T, V) float64)."""
+    cfg = _text_config(model)
+    model_type = getattr(cfg, "model_type", None)
+    fields = [
+        f"{f}={getattr(cfg, f)!r}" for f in _TRANSFORM_FIELDS if getattr(cfg, f, None) not in (None, 1, 1.0)
+    ]
+    if not transform.is_identity and (plain - theirs).abs().max() <= tol:
+        return (
+            f"the model's logits are W h + b itself: its forward ignores {transform}, which tether read from its"
+            f" config ({', '.join(fields) or 'no field'}); remove that field from config.json if the model"
+            " really does not use it"
+        )
+    scale = float((plain * theirs).sum() / (plain * plain).sum().clamp_min(1e-300))
+    if (plain * scale - theirs).abs().max() <= tol:
+        return (
+            f"the logits are W h + b times a constant {scale:.6g}, which tether does not read from the config of"
+            f" model_type {model_type!r}" + (f" (it sets {', '.join(fields)})" if fields else "")
+        )
+    if fields:
+        return (
+            f"its config sets {', '.join(fields)}, a logit transform that tether does not apply as this model"
+            f" does for model_type {model_type!r} (known: a constant scale for {sorted(LOGIT_SCALES)} and"
+            f" soft-capping)"
+        )
+    return (
+        "the forward changes the logits in a way its config does not name (a custom or remote-code head, a"
+        " hook on lm_head, or final hidden states that are not the head's input)"
+    )
 
 
 def final_hidden_states(model: nn.Module, batch: PreferenceBatch, split_rows: bool = True) -> torch.Tensor:
@@ -171,8 +328,8 @@ def compute_pair_stats(
     mask, targets = response_positions(batch.labels)
     ref_hidden = reference.hidden(batch, indices, mask)  # (N, H) or None, computed without grad
     hidden = final_hidden_states(model, batch, split_rows)[:, :-1][mask]  # (N, H)
-    weight, bias = output_head(model)
-    ref_weight, ref_bias = reference.head() if ref_hidden is not None else (None, None)
+    weight, bias, transform = output_head(model)
+    ref_weight, ref_bias, ref_transform = reference.head() if ref_hidden is not None else (None, None, None)
     tokens = token_stats(
         hidden,
         weight,
@@ -183,6 +340,8 @@ def compute_pair_stats(
         ref_bias=ref_bias,
         request=request,
         chunk_size=chunk_size,
+        transform=transform,
+        ref_transform=ref_transform or IDENTITY,
     )
     ref_seq = None if ref_hidden is not None else reference.sequence_logps(batch, indices, mask)
     return pair_stats(tokens, mask, ref_sequence_logps=ref_seq)

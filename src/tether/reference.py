@@ -9,8 +9,9 @@ Three sources, one interface (`Reference`); memory cost for a model of P paramet
   no reference model in memory and no reference forward during training. Sequence-level objectives (dpo, ipo,
   cdpo, hdpo) cache two float32 log-probs per pair (exact). Objectives that need the reference's
   distributions (tdpo1, tdpo2, epsilon_dpo) cache the reference's final hidden states of every response token
-  (H * 4 bytes per token in float32, the default, or H * 2 in float16/bfloat16; on disk, memory-mapped) and its output head, from which the chunked head
-  recomputes the reference logits exactly up to the cache dtype's rounding.
+  (H * 4 bytes per token in float32, the default, or H * 2 in float16/bfloat16; on disk, memory-mapped) and
+  its output head (weight, bias and `HeadTransform`, in meta.json), from which the chunked head recomputes
+  the reference logits exactly up to the cache dtype's rounding.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tether.batch import PreferenceBatch
-from tether.heads import response_positions, sequence_sums, token_stats
+from tether.heads import IDENTITY, HeadTransform, response_positions, sequence_sums, token_stats
 from tether.modeling import final_hidden_states, output_head
 
 
@@ -40,8 +41,8 @@ class Reference(ABC):
         """(2B,) reference sequence log-probs (only for references that do not provide hidden states)."""
         raise NotImplementedError(f"{type(self).__name__} provides hidden states, not sequence log-probs")
 
-    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The reference's output embedding (V, H) and bias (V,) or None."""
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None, HeadTransform]:
+        """The reference's output embedding (V, H), bias (V,) or None, and its head transform."""
         raise NotImplementedError
 
 
@@ -80,8 +81,8 @@ class AdapterReference(Reference):
 
     def head(self):
         # The output head is never adapted (modeling.check_supported refuses LoRA on lm_head).
-        weight, bias = output_head(self.model)
-        return weight.detach(), None if bias is None else bias.detach()
+        weight, bias, transform = output_head(self.model)
+        return weight.detach(), None if bias is None else bias.detach(), transform
 
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
@@ -102,6 +103,7 @@ class CachedReference(Reference):
         self.has_hidden = bool(meta["hidden"])
         self._weight = tensors.get("head_weight")
         self._bias = tensors.get("head_bias")
+        self._transform = HeadTransform(**meta["head_transform"]) if "head_transform" in meta else IDENTITY
         self._hidden = None
         if self.has_hidden:
             self._dtype = getattr(torch, meta["hidden_dtype"])
@@ -140,7 +142,8 @@ class CachedReference(Reference):
         return torch.cat([self.logps[idx, 0], self.logps[idx, 1]]).to(self.device)
 
     def head(self):
-        return self._weight.to(self.device), None if self._bias is None else self._bias.to(self.device)
+        bias = None if self._bias is None else self._bias.to(self.device)
+        return self._weight.to(self.device), bias, self._transform
 
 
 @torch.no_grad()
@@ -171,7 +174,7 @@ def build_reference_cache(
     staging = folder.with_name(folder.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
     model.eval()
-    weight, bias = output_head(model)
+    weight, bias, transform = output_head(model)
     n = len(dataset)
     logps = torch.zeros(n, 2, dtype=torch.float32)
     lengths = torch.zeros(n, 2, dtype=torch.long)
@@ -203,7 +206,7 @@ def build_reference_cache(
                 "response token counts differ between the dataset items and their collated batch"
             )
         hidden = final_hidden_states(model, batch)[:, :-1][mask]
-        tokens = token_stats(hidden, weight, targets, bias=bias, chunk_size=chunk_size)
+        tokens = token_stats(hidden, weight, targets, bias=bias, chunk_size=chunk_size, transform=transform)
         seq = sequence_sums(tokens.logps, mask).float().cpu()
         b = len(idx)
         logps[idx, 0], logps[idx, 1] = seq[:b], seq[b:]
@@ -232,6 +235,7 @@ def build_reference_cache(
         "pairs": n,
         "hidden": store_hidden,
         "hidden_dtype": str(hidden_dtype).removeprefix("torch."),
+        "head_transform": transform.to_dict(),
         "key": key,
     }
     (staging / "meta.json").write_text(json.dumps(meta))

@@ -63,6 +63,10 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient was NaN/inf and optim.on_nonfinite is 'error'."""
 
 
+class NonFiniteWeightsError(NonFiniteError):
+    """A parameter holds NaN/inf when a checkpoint or the final model is about to be written: nothing is written."""
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -123,6 +127,7 @@ def _save_checkpoint(
     LoRA, the adapter on its base model). FSDP and DeepSpeed write their own per-process files: --resume only."""
     final = folder / f"step-{step:08d}"
     staging = folder / f"step-{step:08d}.partial"
+    require_finite_weights(accelerator, model, f"checkpoint step-{step:08d}", folder)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -148,7 +153,46 @@ def _save_checkpoint(
     return final
 
 
+def require_finite_weights(accelerator, model, what: str, ckpt_dir: Path) -> None:
+    """Raise `NonFiniteWeightsError` on every process, before anything is written, if any parameter holds
+    NaN/inf on any process: a saved model must never be silently broken. One pass over the local parameters
+    (or shards: FSDP2's DTensors, DeepSpeed ZeRO-3's partitions) and one all-reduce of a count."""
+    bad, first = 0, None
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        local = getattr(param, "ds_tensor", None)  # ZeRO-3: the parameter itself is an empty placeholder
+        if local is None:
+            local = param.to_local() if hasattr(param, "to_local") else param
+        if not bool(torch.isfinite(local.detach()).all()):
+            bad += 1
+            first = first or name
+    total = int(accelerator.reduce(torch.tensor(bad, device=accelerator.device), reduction="sum"))
+    if total:
+        kept = [p.name for p in complete_checkpoints(ckpt_dir)]
+        where = f"parameter {first}" if first else "a parameter on another process"
+        raise NonFiniteWeightsError(
+            f"not writing {what}: {where} holds NaN or inf ({total} non-finite tensors over all processes)."
+            f" Earlier checkpoints are intact ({', '.join(kept) if kept else 'none were written'} in {ckpt_dir})."
+            " The weights diverged although each step's loss and gradient were finite: lower optim.lr, clip"
+            " gradients (optim.max_grad_norm), or train in float32 / bfloat16 weights"
+        )
+
+
 # --- setup ---------------------------------------------------------------------------------------------
+
+
+def _refuse_float16_training(model, config: TrainConfig) -> None:
+    """Refuse to train float16 parameters with AdamW: float16's range cannot hold AdamW's state (adam_eps 1e-8
+    and squared gradients below 6e-8 round to 0, and 0/0 turns the first step's update into NaN) and plain
+    float16 training has no loss scaling. Frozen float16 weights (a LoRA base, a reference) are fine."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if trainable:
+        raise ConfigError(
+            f"model.dtype={config.model.dtype} would train {len(trainable)} float16 parameters (first:"
+            f" {trainable[0]}) with AdamW, whose state underflows in float16 (the first step makes every weight"
+            " NaN). Use model.dtype=float32 with optim.mixed_precision=fp16 (float32 weights and optimizer state,"
+            " float16 compute with loss scaling), or model.dtype=bfloat16, or LoRA (lora.enabled=true: the"
+            " adapters train in float32 on the float16 base)"
+        )
 
 
 def _apply_lora(model, config: TrainConfig):
@@ -347,6 +391,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora.enabled:
         model = _apply_lora(model, config)
+    _refuse_float16_training(model, config)
     if not sharded:  # FSDP and ZeRO-3 move each shard to its device when they wrap the model
         model.to(accelerator.device)
     # Sharded layers run once per forward: no split by row length (`final_hidden_states`).
@@ -532,6 +577,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
 
     final = out_dir / "final"
     accelerator.wait_for_everyone()
+    require_finite_weights(accelerator, model, "the final model", ckpt_dir)
     # Sharded: every process takes part in gathering the full weights (to the main process, on CPU).
     full_state = accelerator.get_state_dict(model) if sharded else None
     if accelerator.is_main_process:

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 import tether.train
-from tether.config import load_config
-from tether.train import NonFiniteError, train
+from tether.config import ConfigError, load_config
+from tether.train import NonFiniteError, NonFiniteWeightsError, train
 
 RUN = {
     "data": {"shuffle": False},
@@ -124,6 +124,80 @@ def test_metrics_jsonl_stays_strict_json_when_a_step_is_skipped(setup, monkeypat
 
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=refuse)
+
+
+# --- non-finite weights are never saved -------------------------------------------------------------------
+
+
+def _all_finite(folder):
+    return all(torch.isfinite(t).all() for t in load_file(str(folder / "model.safetensors")).values())
+
+
+def test_float16_training_is_refused_before_anything_is_written(setup, tmp_path):
+    """Issue 14: model.dtype=float16 made step 1's checkpoint all NaN although its loss and gradient norm were
+    finite (AdamW's eps 1e-8 and small squared gradients are 0 in float16, and 0/0 is NaN); with skip the run
+    exited 0 with an all-NaN final model. Now it is refused with the reason and the fixes before any step, in
+    both modes, and no checkpoint or final model is written."""
+    config, out = setup
+    with pytest.raises(ConfigError) as info:
+        train(load_config(config, ["model.dtype=float16", "optim.on_nonfinite=skip"]))
+    message = str(info.value)
+    assert "float16" in message and "model.dtype=float32 with optim.mixed_precision=fp16" in message
+    assert not (out / "final").exists() and not (out / "checkpoints").exists()
+
+
+def test_float16_base_with_lora_still_trains(setup):
+    """The refusal is only for float16 *trained* parameters: a frozen float16 base with LoRA (PEFT keeps the
+    adapters in float32) trains, and every checkpoint and the final model are finite."""
+    config, out = setup
+    train(load_config(config, ["model.dtype=float16", "lora.enabled=true", "optim.max_steps=2"]))
+    checkpoints = tether.train.complete_checkpoints(out / "checkpoints")
+    assert checkpoints and all(_all_finite(c) for c in checkpoints) and _all_finite(out / "final")
+
+
+def _poison_adamw(monkeypatch, at_step: int):
+    """AdamW that writes NaN into its first parameter (model.embed_tokens.weight) after step `at_step`: weights
+    go bad while every loss and gradient stays finite, as in float16."""
+
+    class PoisonedAdamW(torch.optim.AdamW):
+        steps = 0
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            out = super().step(closure)
+            PoisonedAdamW.steps += 1
+            if PoisonedAdamW.steps == at_step:
+                self.param_groups[0]["params"][0][0, 0] = float("nan")
+            return out
+
+    monkeypatch.setattr(torch.optim, "AdamW", PoisonedAdamW)
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_nonfinite_weights_are_never_checkpointed(setup, monkeypatch, mode):
+    """Weights that turn NaN at step 3 behind finite losses: writing step 3's checkpoint is refused with
+    NonFiniteWeightsError naming the tensor and the intact checkpoints; steps 1 and 2 stay complete and
+    finite, and no step-3 folder (complete or partial) and no final model exist."""
+    config, out = setup
+    _poison_adamw(monkeypatch, at_step=3)
+    with pytest.raises(NonFiniteWeightsError) as info:
+        train(load_config(config, [f"optim.on_nonfinite={mode}"]))
+    message = str(info.value)
+    assert "model.embed_tokens.weight" in message and "step-00000003" in message
+    assert "step-00000001, step-00000002" in message  # the intact checkpoints, named
+    ckpt = out / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000001", "step-00000002"]
+    assert all(_all_finite(c) for c in tether.train.complete_checkpoints(ckpt))
+    assert not (out / "final").exists()
+
+
+def test_nonfinite_weights_are_never_saved_as_the_final_model(setup, monkeypatch):
+    """Without checkpoints, NaN weights after the last step: no final model is written."""
+    config, out = setup
+    _poison_adamw(monkeypatch, at_step=5)
+    with pytest.raises(NonFiniteWeightsError, match="final model"):
+        train(load_config(config, ["checkpoint.every=0", "optim.on_nonfinite=skip"]))
+    assert not (out / "final").exists() and not (out / "final.partial").exists()
 
 
 # --- two processes (gloo) ------------------------------------------------------------------------------

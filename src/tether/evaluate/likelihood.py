@@ -13,7 +13,7 @@ where p underflows to 0, so masked (-inf) logits give finite results, not NaN.
 Memory: sequences go through the model `seq_chunk` at a time, and only response positions of the final
 hidden states go through the output head, `token_chunk` at a time, under no_grad: the largest vocabulary
 tensor held is (token_chunk, V) per model. Models whose logits are not `output_embeddings(hidden)` (up to
-Gemma-style final softcapping) are detected on the first chunk with `logits_to_keep=1` and fall back to
+the head transform of `tether.modeling.head_transform`: a logit scale, soft-capping) are detected on the first chunk with `logits_to_keep=1` and fall back to
 full logits per sequence chunk, (seq_chunk, T, V).
 """
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.evaluate.sampling import encode_prompts, format_prompts, pad_token_id, uses_chat_template
+from tether.modeling import head_transform
 
 
 @dataclass
@@ -87,16 +88,13 @@ class _Head:
         self.head = model.get_output_embeddings()
         base = getattr(model, getattr(model, "base_model_prefix", ""), None)
         self.base = base if isinstance(base, torch.nn.Module) and base is not model else None
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.transform = head_transform(model)  # scale, soft-capping
         usable = self.head is not None and self.base is not None
         self.checked = not usable or model in _HEAD_CHECKS
         self.use_hidden = usable and _HEAD_CHECKS.get(model, True)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.transform(self.head(hidden))
 
     def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor) -> None:
         """Compare head(hidden) with the model's own last-position logits once."""
