@@ -267,7 +267,7 @@ def section_theory(results: dict[str, Any]) -> list[str]:
         "entropy",
         "entropy of pi*(alpha)",
         "KL(pi_ref‖pi)",
-        "max |grad|",
+        "max abs grad",
     ]
     tdpo2_adam = max(
         results["per_seed"][s]["population"][f"tdpo2_a{a:g}"]["adam_tv_to_fixed_point"]
@@ -297,8 +297,21 @@ def section_theory(results: dict[str, Any]) -> list[str]:
             *[mean_std(m.fresh(results, a, "tv_mean")) for a in alphas],
             " / ".join(f"{v:.2f}" for v in fent.mean(1)),
             f"{fordered}/{len(seeds)}",
-            "1.00",
+            "-",
         ]
+    )
+    lo, hi = m.variant(min(alphas)), m.variant(max(alphas))
+    pop_spread = np.subtract(m.population(results, hi, "entropy"), m.population(results, lo, "entropy"))
+    few = m.sampled(results, max(alphas), "entropy")[:, 0] - m.sampled(results, min(alphas), "entropy")[:, 0]
+    star_few = np.mean([results["per_seed"][s]["optimum_entropy"][f"{min(alphas):g}"] for s in seeds])
+    spread_line = (
+        f"The entropy gap between alpha {max(alphas):g} and {min(alphas):g} is {mean_std(pop_spread)} nats on the"
+        f" population and {mean_std(few)} with N = {ns[0]} pairs per prompt: alpha still orders the entropies, but"
+        " with few pairs most candidates win no pair (compared share), the empirical loss has no minimum"
+        " (a candidate that never loses, or never wins, has margins that grow as long as training runs) and the"
+        " policy collapses onto the pairs' winners"
+        f" (entropy {float(m.sampled(results, 1.0, 'entropy')[:, 0].mean()):.2f} for DPO, below even pi*(alpha"
+        f" {min(alphas):g})'s {star_few:.2f}), so alpha's lever shrinks to a small fraction of its population size."
     )
     sheader = [
         "pairs per prompt N",
@@ -341,6 +354,8 @@ def section_theory(results: dict[str, Any]) -> list[str]:
         " strictly with alpha; 'compared share' is the share of candidates that won at least one kept pair.",
         "",
         *table(sheader, srows),
+        "",
+        spread_line,
         "",
         *claim_lines(m.claims(results)),
     ]

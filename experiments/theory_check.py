@@ -438,25 +438,17 @@ def plot(results: dict[str, Any]) -> list[str]:
     ax = axes[0][0]
     seeds = [str(s) for s in results["seeds"]]
     star = [[results["per_seed"][s]["optimum_entropy"][f"{a:g}"] for a in alphas] for s in seeds]
-    c.band(ax, alphas, star, "pi* (closed form)", color="black", linestyle="--")
-    c.band(
-        ax,
-        alphas,
-        np.asarray([population(results, variant(a), "entropy") for a in alphas]).T,
-        "population, LBFGS",
-        marker="o",
-    )
-    c.band(
-        ax,
-        alphas,
-        np.asarray([fresh(results, a, "entropy") for a in alphas]).T,
-        "fresh pairs, Adam",
-        marker="s",
+    # Means over seeds only: the seeds are different problems, whose spread would hide the lines.
+    ax.plot(alphas, np.mean(star, 0), color="black", linestyle="--", linewidth=3, label="pi* (closed form)")
+    pop = [np.mean(population(results, variant(a), "entropy")) for a in alphas]
+    ax.plot(alphas, pop, marker="o", label="population, LBFGS")
+    ax.plot(
+        alphas, [np.mean(fresh(results, a, "entropy")) for a in alphas], marker="s", label="fresh pairs, Adam"
     )
     for i, n in enumerate(ns):
-        if n in (ns[0], ns[len(ns) // 2], ns[-1]):
-            per = np.asarray([sampled(results, a, "entropy")[:, i] for a in alphas]).T
-            c.band(ax, alphas, per, f"N={n} sampled, Adam", marker=".")
+        ax.plot(
+            alphas, [sampled(results, a, "entropy")[:, i].mean() for a in alphas], marker=".", label=f"N={n}"
+        )
     ax.set_title("mean entropy (nats) vs H-DPO alpha", fontsize=10)
     ax.set_xlabel("alpha")
     ax.legend(fontsize=7)
