@@ -17,7 +17,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import accelerate
@@ -127,6 +129,48 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_earlier_ones(
     train(load_config(config), resume=True)
     assert f"resumed from {ckpts / 'step-00000002'} at step 2" in capsys.readouterr().out
     assert _steps(out) == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 560 KiB tmpfs (needs root): room for the run's files and one checkpoint (~350 KiB), not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=560k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_really_full_disk_during_a_checkpoint(
+    tmp_path, write_jsonl, write_config, good_rows, small_disk, capsys
+):
+    """The same on a real full file system: the second checkpoint does not fit; after the disk grows,
+    --resume continues from the first."""
+    data = write_jsonl(tmp_path / "train.jsonl", good_rows(8, seed=2))
+    out = small_disk / "run"
+    config = write_config(tmp_path / "cfg.yaml", data, out, optim={"max_steps": 3}, checkpoint={"every": 1})
+    with pytest.raises(RunWriteError) as info:
+        train(load_config(config))
+    message = str(info.value)
+    ckpts = out / "checkpoints"
+    assert f"could not write checkpoint step 2 into {ckpts / 'step-00000002.partial'}" in message
+    assert "disk is full" in message and f"{ckpts / 'step-00000001'}, is intact" in message
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step-00000001"]
+    assert not list(ckpts.glob("*.partial"))
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    capsys.readouterr()
+    train(load_config(config), resume=True)
+    assert f"resumed from {ckpts / 'step-00000001'} at step 1" in capsys.readouterr().out
+    assert _steps(out) == [1, 2, 3]
 
 
 def test_other_errors_inside_a_checkpoint_write_are_not_reworded(
