@@ -114,7 +114,7 @@ class OptimConfig:
 class CheckpointConfig:
     every: int = 0  # save a checkpoint every N optimizer steps (0: only the final model)
     keep_last: int = 2  # number of complete checkpoints to keep
-    allow_changed_config: bool = False  # resume even if objective / beta / seed / data differ
+    allow_changed_config: bool = False  # resume even if a field --resume refuses changed (docs/training.md)
 
 
 @dataclass

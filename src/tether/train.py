@@ -14,7 +14,10 @@ Assumptions, stated once:
   last, and only folders with it are ever loaded. Without parameter sharding a checkpoint also loads as a
   model with `AutoModelForCausalLM.from_pretrained` (config.json + tokenizer, or the LoRA adapter); under FSDP
   or DeepSpeed it holds accelerate's sharded state, for --resume only. The final model is always a full
-  `save_pretrained` folder.
+  `save_pretrained` folder; `final/tether_run.json`, written once it is complete, records the step it holds,
+  so that --resume of a finished run leaves it alone. A fresh run never writes into a folder holding either.
+- --resume compares the run's fingerprint (`tether.config.config_fingerprint`: the data by content, paths
+  resolved) with the checkpoint's; `tether.config.RESUME_ACCEPTED` lists the changes it accepts.
 - The model is trained through `tether.modeling.PolicyStatistics`, whose forward runs the policy and the
   chunked head, so DDP, FSDP and DeepSpeed see the head inside the forward they wrap.
 - metrics.jsonl holds one strict-JSON line per logged step (non-finite values as null); a resumed or restarted
