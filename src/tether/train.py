@@ -211,14 +211,21 @@ def _write_failure(exc: BaseException) -> str | None:
 
 
 def data_digest(source: str, split: str) -> str:
-    """SHA-256 of the data's content: a file's bytes, or every file of a `datasets` folder (relative path and
-    bytes, in sorted order), streamed; a name that is no local path (a hub data set) is digested with split."""
+    """SHA-256 of the data's content, streamed: a file's bytes, or the files of a `datasets` folder (of the
+    split's subfolder for a DatasetDict; relative path and bytes, sorted; `cache-*.arrow` files that `.map`
+    leaves there are no content); a name that is no local path (a hub data set) is digested with its split."""
     h = hashlib.sha256()
     path = Path(source)
+    if path.is_dir() and (path / "dataset_dict.json").is_file() and (path / split).is_dir():
+        path = path / split
     if path.is_file():
         files = [(path.name, path)]
     elif path.is_dir():
-        files = [(str(f.relative_to(path)), f) for f in sorted(path.rglob("*")) if f.is_file()]
+        files = [
+            (str(f.relative_to(path)), f)
+            for f in sorted(path.rglob("*"))
+            if f.is_file() and not (f.name.startswith("cache-") and f.suffix == ".arrow")
+        ]
     else:
         h.update(f"name:{source}\nsplit:{split}".encode())
         return h.hexdigest()

@@ -27,7 +27,7 @@ import pytest
 
 from tether import cli
 from tether.config import ConfigError, load_config
-from tether.train import RunWriteError, complete_checkpoints, read_metrics, train
+from tether.train import RunWriteError, complete_checkpoints, data_digest, read_metrics, train
 
 CHECKPOINTED = {"optim": {"max_steps": 3}, "checkpoint": {"every": 1, "keep_last": 5}}
 
@@ -289,3 +289,22 @@ def test_resume_with_fewer_steps_than_the_final_model_is_refused(run):
     config, out = run
     with pytest.raises(ConfigError, match="final model of step 3, beyond the 2 steps"):
         train(load_config(config, [f"output_dir={out}", "optim.max_steps=2"]), resume=True)
+
+
+def test_data_digest_of_a_datasets_folder_follows_the_split_content(tmp_path, good_rows):
+    """The digest --resume compares: the chosen split's rows count, another split and `.map` caches do not."""
+    datasets = pytest.importorskip("datasets")
+
+    def save(train_rows, test_rows, folder):
+        datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(train_rows), "test": datasets.Dataset.from_list(test_rows)}
+        ).save_to_disk(str(folder))
+        return data_digest(str(folder), "train")
+
+    rows = good_rows(6, seed=1)
+    first = save(rows, rows[:2], tmp_path / "a")
+    assert save(rows, rows[2:], tmp_path / "b") == first  # only the test split differs
+    (tmp_path / "a" / "train" / "cache-0123abcd.arrow").write_bytes(b"a .map cache")
+    assert data_digest(str(tmp_path / "a"), "train") == first
+    assert save(rows[:5], rows[:2], tmp_path / "c") != first
+    assert data_digest(str(tmp_path / "a"), "test") != first
