@@ -483,6 +483,9 @@ RESUME_ACCEPTED = frozenset(
 )
 
 
+DATA_CONTENT = "data content (sha256)"  # the fingerprint's key for the data digest
+
+
 def config_fingerprint(
     config: TrainConfig, processes: int = 1, data_digest: str | None = None
 ) -> dict[str, Any]:
@@ -536,7 +539,7 @@ def config_fingerprint(
         }
     )
     if data_digest is not None:
-        fields["data content (sha256)"] = data_digest
+        fields[DATA_CONTENT] = data_digest
     if config.lora.enabled:
         fields.update(
             {
@@ -557,4 +560,7 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
     A field only one side records (a checkpoint of an older tether, a LoRA field on one side) is compared
     through the fields both record (lora.enabled, reference.mode)."""
     changed = sorted(k for k in saved.keys() & current.keys() if saved[k] != current[k])
-    return [k for k in changed if k not in RESUME_ACCEPTED], [k for k in changed if k in RESUME_ACCEPTED]
+    accepted = set(RESUME_ACCEPTED)
+    if DATA_CONTENT not in saved.keys() & current.keys():  # without both digests the path is all there is
+        accepted.discard("data.train")
+    return [k for k in changed if k not in accepted], [k for k in changed if k in accepted]

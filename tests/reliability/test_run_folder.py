@@ -308,3 +308,15 @@ def test_data_digest_of_a_datasets_folder_follows_the_split_content(tmp_path, go
     assert data_digest(str(tmp_path / "a"), "train") == first
     assert save(rows[:5], rows[:2], tmp_path / "c") != first
     assert data_digest(str(tmp_path / "a"), "test") != first
+
+
+def test_a_checkpoint_without_a_data_digest_still_refuses_another_data_path(interrupted, tmp_path):
+    """A checkpoint written before data digests existed: the path is all it knows, so a changed one is refused."""
+    config, out = interrupted
+    state_file = complete_checkpoints(out / "checkpoints")[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["fingerprint"]["data content (sha256)"]
+    state_file.write_text(json.dumps(state))
+    copy = shutil.copy(load_config(config).data.train, tmp_path / "same_rows.jsonl")
+    with pytest.raises(ConfigError, match=r"refusing to resume.*data\.train"):
+        train(load_config(config, [f"output_dir={out}", f"data.train={copy}"]), resume=True)
