@@ -40,9 +40,11 @@ def test_train_writes_the_run_folder(tmp_path, config_file, capsys):
     assert json.loads((run / "final" / "tether_objective.json").read_text())["name"] == "tdpo1"
     AutoModelForCausalLM.from_pretrained(run / "final")
 
-    # --resume of the finished run redoes the step after its last checkpoint and ends in the same place.
+    # --resume of the finished run says so and leaves final/ as it is.
+    written = (run / "final" / "model.safetensors").stat().st_mtime_ns
     assert main(["train", str(config_file), "optim.max_steps=2", "objective.name=tdpo1", "--resume"]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    assert "is complete" in capsys.readouterr().out
+    assert (run / "final" / "model.safetensors").stat().st_mtime_ns == written
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
 

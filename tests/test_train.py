@@ -224,7 +224,7 @@ def test_killed_run_resumes_bitwise(tmp_path, train_yaml):
 
 @pytest.fixture
 def checkpointed_run(train_yaml):
-    """A finished 4-step epsilon-DPO run (its base beta is state) with a checkpoint at step 2:
+    """A 4-step epsilon-DPO run (its base beta is state) with a checkpoint at step 2, its final/ removed:
     (yaml path, final weights, metrics)."""
     config, path = _config(
         train_yaml,
@@ -234,7 +234,9 @@ def checkpointed_run(train_yaml):
     )
     result = train(config)
     assert [p.name for p in complete_checkpoints(result.output_dir / "checkpoints")] == ["step-00000002"]
-    return path, load_weights(result.final_model), read_metrics(result.output_dir)
+    weights = load_weights(result.final_model)
+    shutil.rmtree(result.final_model)  # as if killed before final/: a resume redoes steps 3 and 4
+    return path, weights, read_metrics(result.output_dir)
 
 
 @pytest.mark.parametrize(
@@ -490,6 +492,7 @@ def test_stale_reference_cache_is_rebuilt(tmp_path, train_yaml, make_model, tiny
     other = make_model(tmp_path / "other_model", seed=1)
     for model in (tiny_model_dir, other):
         config, _ = _config(train_yaml, model=model, reference={"mode": "cache"}, optim={"max_steps": 1})
+        shutil.rmtree(Path(config.output_dir) / "final", ignore_errors=True)  # the cache stays
         train(config)
         assert read_metrics(config.output_dir)[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
     meta = json.loads((tmp_path / "run" / "reference_cache" / "meta.json").read_text())

@@ -114,7 +114,15 @@ class OptimConfig:
 class CheckpointConfig:
     every: int = 0  # save a checkpoint every N optimizer steps (0: only the final model)
     keep_last: int = 2  # number of complete checkpoints to keep
-    allow_changed_config: bool = False  # resume even if objective / beta / seed / data differ
+    allow_changed_config: bool = False  # resume even if a field --resume refuses changed (docs/training.md)
+
+
+@dataclass
+class DistributedConfig:
+    # Longest time (seconds) a process waits for the others at a collective: the other processes wait while
+    # the main one builds the reference cache (reference.mode=cache) or writes a checkpoint. torch's
+    # default (10 minutes under NCCL) is too short for a cache of a large data set.
+    timeout_s: int = 7200
 
 
 @dataclass
@@ -136,6 +144,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,6 +157,10 @@ class TrainConfig:
 
     def validate(self, check_paths: bool = True) -> None:
         """Check every value (and the model/data paths); raise ConfigError naming the field and the fix."""
+        if not self.output_dir.strip():
+            raise ConfigError(
+                "output_dir is empty: name a run folder (an empty one would write into the current directory)"
+            )
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
         _choice("data.on_bad_row", self.data.on_bad_row, ("error", "skip"))
         _choice("reference.mode", self.reference.mode, ("auto", "copy", "adapter", "cache"))
@@ -167,6 +180,10 @@ class TrainConfig:
             _positive(name, value)
         if self.optim.max_steps is not None:
             _positive("optim.max_steps", self.optim.max_steps)
+        _positive("distributed.timeout_s", self.distributed.timeout_s)
+        if not 0 <= self.optim.seed < 2**32:  # numpy's seed range (accelerate's set_seed seeds numpy too)
+            raise ConfigError(f"optim.seed must be in [0, 2**32), got {self.optim.seed!r}")
+        _known_trackers(self.logging.trackers)
         if not (math.isfinite(self.optim.lr) and self.optim.lr >= 0):
             raise ConfigError(f"optim.lr must be a finite number >= 0, got {self.optim.lr!r}")
         if self.optim.max_grad_norm is not None and not self.optim.max_grad_norm > 0:
@@ -217,6 +234,7 @@ class TrainConfig:
                     " embedding directly (adapt the attention / MLP projections instead)"
                 )
         self.build_objective()
+        _representable_floats(self)
         mode = self.reference_mode()
         if mode == "adapter" and not self.lora.enabled:
             raise ConfigError(
@@ -227,6 +245,7 @@ class TrainConfig:
                 "reference.path cannot be used with reference.mode=adapter (the policy is the reference)"
             )
         if check_paths:
+            _run_folder(self.output_dir)
             _model_folder("model.path", self.model.path, self.model.tokenizer_path)
             if self.reference.path is not None:
                 _model_folder(
@@ -255,6 +274,56 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _positive(name: str, value: int) -> None:
     if value < 1:
         raise ConfigError(f"{name} must be >= 1, got {value!r}")
+
+
+FLOAT32_MAX = (
+    3.4028234663852886e38  # the largest float32: torch turns a larger Python float into inf or fails
+)
+
+
+def _representable_floats(config: Any, prefix: str = "") -> None:
+    """Every float field of every section is finite and fits float32 (the optimizer and the loss compute in
+    the parameters' dtype: a larger lr fails at the first step with "cannot be converted ... without overflow")."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _representable_floats(value, name + ".")
+        elif isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise ConfigError(
+                f"{name} must be a finite number of at most {FLOAT32_MAX:.4g} in size, got {value!r}"
+            )
+
+
+def _known_trackers(trackers: list[str]) -> None:
+    """Names accelerate knows (`accelerate.utils.LoggerType`) whose package is installed: accelerate itself
+    fails late on an unknown name and silently drops an uninstalled one."""
+    if not trackers:
+        return
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType]
+    available = {LoggerType(t).value for t in get_available_trackers()}
+    for i, name in enumerate(trackers):
+        if name not in known:
+            raise ConfigError(f"logging.trackers[{i}]: unknown tracker {name!r}; accelerate knows {known}")
+        if name != "all" and name not in available:
+            raise ConfigError(
+                f"logging.trackers[{i}]: {name!r} is not installed (pip install it, or remove it from the list)"
+            )
+
+
+def _run_folder(output_dir: str) -> None:
+    """output_dir, or the first of its parents that exists, must be a folder (it is created if missing)."""
+    for path in (Path(output_dir), *Path(output_dir).parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is" if path == Path(output_dir) else f"is inside {path}, which is"
+                raise ConfigError(
+                    f"output_dir: {output_dir} {what} a file, not a folder; choose a run folder"
+                )
+            return
 
 
 def _model_folder(name: str, path: str, tokenizer_path: str | None) -> None:
@@ -397,26 +466,101 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def config_fingerprint(config: TrainConfig, processes: int = 1) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues (unless checkpoint.allow_changed_config),
-    keyed by config field name so that a refusal can say which field changed.
+# Fields of the fingerprint that --resume accepts when they changed (it prints them): they change neither what
+# the checkpoint holds nor the math of the steps ahead, only how many steps there are and how they run. Every
+# other field is refused unless checkpoint.allow_changed_config=true. docs/training.md has the table.
+RESUME_ACCEPTED = frozenset(
+    {
+        "data.train",  # the same content (compared by its digest) under another path
+        "data.on_bad_row",  # with the same content the kept rows are the same (error mode kept every row)
+        "optim.max_steps",
+        "optim.epochs",
+        "optim.on_nonfinite",
+        "optim.chunk_size",
+        "model.attn_implementation",
+        "model.gradient_checkpointing",
+    }
+)
+
+
+DATA_CONTENT = "data content (sha256)"  # the fingerprint's key for the data digest
+
+
+def config_fingerprint(
+    config: TrainConfig, processes: int = 1, data_digest: str | None = None
+) -> dict[str, Any]:
+    """What a resumed run is compared on with the run it continues, keyed by config field name so that a
+    refusal can say which field changed (`resume_changes` says which changes are refused).
 
     The data order depends on the global batch only (batch 4 x 1 process == 2 x 2 processes), so that is
-    what is compared, not its factors.
+    what is compared, not its factors. Paths are compared resolved (`d/../d/x` is `d/x`); the data by its
+    content, data_digest (`tether.train.data_digest`), when given.
     """
-    fields = {"objective.name": config.objective.name}
+
+    def resolved(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path else None
+
+    optim = config.optim
+    fields: dict[str, Any] = {"objective.name": config.objective.name}
     fields.update({f"objective.{k}": v for k, v in config.objective.hparams().items()})
     fields.update(
         {
-            "optim.seed": config.optim.seed,
-            "global batch (optim.batch_size x optim.grad_accum x processes)": config.optim.batch_size
-            * config.optim.grad_accum
+            "optim.seed": optim.seed,
+            "global batch (optim.batch_size x optim.grad_accum x processes)": optim.batch_size
+            * optim.grad_accum
             * processes,
-            "data.train": config.data.train,
+            "data.train": resolved(config.data.train),
+            "data.split": config.data.split,
             "data.shuffle": config.data.shuffle,
             "data.max_length": config.data.max_length,
             "data.max_prompt_length": config.data.max_prompt_length,
+            "data.on_bad_row": config.data.on_bad_row,
+            "model.path": resolved(config.model.path),
+            "model.tokenizer_path": resolved(config.model.tokenizer_path),
+            "model.dtype": config.model.dtype,
+            "model.attn_implementation": config.model.attn_implementation,
+            "model.gradient_checkpointing": config.model.gradient_checkpointing,
             "lora.enabled": config.lora.enabled,
+            "reference.mode": config.reference_mode(),
+            "reference.path": resolved(config.reference.path),
+            "optim.lr": optim.lr,
+            "optim.scheduler": optim.scheduler,
+            "optim.warmup_steps": optim.warmup_steps,
+            "optim.weight_decay": optim.weight_decay,
+            "optim.adam_beta1": optim.adam_beta1,
+            "optim.adam_beta2": optim.adam_beta2,
+            "optim.adam_eps": optim.adam_eps,
+            "optim.max_grad_norm": optim.max_grad_norm,
+            "optim.mixed_precision": optim.mixed_precision,
+            "optim.max_steps": optim.max_steps,
+            "optim.epochs": optim.epochs,
+            "optim.on_nonfinite": optim.on_nonfinite,
+            "optim.chunk_size": optim.chunk_size,
         }
     )
+    if data_digest is not None:
+        fields[DATA_CONTENT] = data_digest
+    if config.lora.enabled:
+        fields.update(
+            {
+                "lora.r": config.lora.r,
+                "lora.alpha": config.lora.alpha,
+                "lora.dropout": config.lora.dropout,
+                "lora.target_modules": sorted(config.lora.target_modules),
+            }
+        )
+    if config.reference_mode() == "cache":
+        fields["reference.cache_dtype"] = config.reference.cache_dtype
     return json.loads(json.dumps(fields))
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(refused, accepted): the fingerprint fields that differ between a checkpoint (saved) and this run.
+
+    A field only one side records (a checkpoint of an older tether, a LoRA field on one side) is compared
+    through the fields both record (lora.enabled, reference.mode)."""
+    changed = sorted(k for k in saved.keys() & current.keys() if saved[k] != current[k])
+    accepted = set(RESUME_ACCEPTED)
+    if DATA_CONTENT not in saved.keys() & current.keys():  # without both digests the path is all there is
+        accepted.discard("data.train")
+    return [k for k in changed if k not in accepted], [k for k in changed if k in accepted]

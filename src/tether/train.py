@@ -14,7 +14,10 @@ Assumptions, stated once:
   last, and only folders with it are ever loaded. Without parameter sharding a checkpoint also loads as a
   model with `AutoModelForCausalLM.from_pretrained` (config.json + tokenizer, or the LoRA adapter); under FSDP
   or DeepSpeed it holds accelerate's sharded state, for --resume only. The final model is always a full
-  `save_pretrained` folder.
+  `save_pretrained` folder; `final/tether_run.json`, written once it is complete, records the step it holds,
+  so that --resume of a finished run leaves it alone. A fresh run never writes into a folder holding either.
+- --resume compares the run's fingerprint (`tether.config.config_fingerprint`: the data by content, paths
+  resolved) with the checkpoint's; `tether.config.RESUME_ACCEPTED` lists the changes it accepts.
 - The model is trained through `tether.modeling.PolicyStatistics`, whose forward runs the policy and the
   chunked head, so DDP, FSDP and DeepSpeed see the head inside the forward they wrap.
 - metrics.jsonl holds one strict-JSON line per logged step (non-finite values as null); a resumed or restarted
@@ -26,19 +29,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tether.config import ConfigError, TrainConfig, config_fingerprint, save_config
+from tether.config import ConfigError, TrainConfig, config_fingerprint, resume_changes, save_config
 from tether.files import atomic_write
 from tether.modeling import (
     PolicyStatistics,
@@ -65,6 +72,10 @@ class NonFiniteError(RuntimeError):
 
 class NonFiniteWeightsError(NonFiniteError):
     """A parameter holds NaN/inf when a checkpoint or the final model is about to be written: nothing is written."""
+
+
+class RunWriteError(OSError):
+    """Writing into the run folder failed (a full disk, a read-only or vanished file system)."""
 
 
 @dataclass
@@ -177,6 +188,95 @@ def require_finite_weights(accelerator, model, what: str, ckpt_dir: Path) -> Non
         )
 
 
+FINISHED_RECORD = "tether_run.json"  # in final/: the step the final model holds and the run's fingerprint
+
+
+def _finished_record(final: Path) -> dict[str, Any] | None:
+    """final/'s record ({"step", "skipped_steps", "fingerprint"}), or None: no final model, or one written by
+    a run killed before it recorded the step (or by an older tether); such a run is resumed as before."""
+    record = final / FINISHED_RECORD
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+@contextlib.contextmanager
+def _explain_write_failure(what: str, target: Path, ckpt_dir: Path):
+    """Turn a failed write into the run folder (a full disk: torch says `unexpected pos` or `PytorchStreamWriter
+    failed`, safetensors `os error 28`) into a RunWriteError that says so, where, and what is still intact.
+    A half-written `*.partial` folder is removed to free the space (it would never be loaded)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised unchanged unless it is a failed write
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        if target.name.endswith(".partial"):
+            shutil.rmtree(target, ignore_errors=True)
+        done = complete_checkpoints(ckpt_dir)
+        intact = (
+            f"the last complete checkpoint, {done[-1]}, is intact (a .partial folder is never loaded): free"
+            " space and run again with --resume"
+            if done
+            else "no checkpoint was complete yet"
+        )
+        raise RunWriteError(
+            getattr(exc, "errno", None) or errno.EIO,
+            f"could not write {what} into {target}: {reason}; {intact}",
+        ) from exc
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, if exc is a failed write; None for any other error."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    if "No space left" in text or "os error 28" in text or "StorageFull" in text:
+        return "the disk is full"
+    if isinstance(exc, OSError):
+        return f"the write failed ({exc.strerror or text})"
+    # torch.save reports a short write only as a failed write or a wrong position in its zip container.
+    if "unexpected pos" in text or "PytorchStreamWriter failed" in text or "file write failed" in text:
+        return f"the write failed, most likely because the disk is full ({text.splitlines()[0][:200]})"
+    return None
+
+
+def data_digest(source: str, split: str) -> str:
+    """SHA-256 of the data's content, streamed: a file's bytes, or the files of a `datasets` folder (of the
+    split's subfolder for a DatasetDict; relative path and bytes, sorted; `cache-*.arrow` files that `.map`
+    leaves there are no content); a name that is no local path (a hub data set) is digested with its split."""
+    h = hashlib.sha256()
+    path = Path(source)
+    if path.is_dir() and (path / "dataset_dict.json").is_file() and (path / split).is_dir():
+        path = path / split
+    if path.is_file():
+        files = [(path.name, path)]
+    elif path.is_dir():
+        files = [
+            (str(f.relative_to(path)), f)
+            for f in sorted(path.rglob("*"))
+            if f.is_file() and not (f.name.startswith("cache-") and f.suffix == ".arrow")
+        ]
+    else:
+        h.update(f"name:{source}\nsplit:{split}".encode())
+        return h.hexdigest()
+    for name, f in files:
+        if path.is_dir():
+            h.update(name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+_TRAJECTORY_FIELDS = {
+    f"optim.{k}"
+    for k in ("lr", "scheduler", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")
+} | {"optim.max_grad_norm", "optim.mixed_precision"}
+
+
+def _changes(keys: list[str], saved: dict[str, Any], current: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
+
+
 # --- setup ---------------------------------------------------------------------------------------------
 
 
@@ -192,6 +292,21 @@ def _refuse_float16_training(model, config: TrainConfig) -> None:
             " NaN). Use model.dtype=float32 with optim.mixed_precision=fp16 (float32 weights and optimizer state,"
             " float16 compute with loss scaling), or model.dtype=bfloat16, or LoRA (lora.enabled=true: the"
             " adapters train in float32 on the float16 base)"
+        )
+
+
+def _check_lora_targets(model, targets: list[str]) -> None:
+    """Every name in lora.target_modules must name a module of the model (as peft matches it: the full
+    name or its last parts), checked before any training; peft fails only when no name matches."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ConfigError(
+            f"lora.target_modules: {missing} name no module of {type(model).__name__}; its linear modules"
+            f" are {linear} (lm_head cannot be adapted)"
         )
 
 
@@ -253,7 +368,16 @@ def _make_reference(config, policy, dataset, collate, accelerator, objective, sp
             )
             ref.train(was_training)
             del ref
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.wait_for_everyone()
+    except RuntimeError as exc:  # torch.distributed.DistBackendError included
+        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            raise
+        raise ConfigError(
+            f"process {accelerator.process_index} waited more than distributed.timeout_s="
+            f"{config.distributed.timeout_s} s for the main process to build the reference cache: raise"
+            " distributed.timeout_s (the cache pass takes about one reference forward per pair)"
+        ) from exc
     return CachedReference(folder, device=accelerator.device)
 
 
@@ -308,7 +432,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 
 def _train(config: TrainConfig, resume: bool) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
 
     from tether.data import PreferenceCollator, load_preference_data
@@ -325,6 +449,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         # Without cpu=True, accelerate ignores a torchrun launch on a machine with no GPU: every process
         # would train alone on the whole data.
         cpu=not _has_accelerator(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.distributed.timeout_s))],
     )
     engine = _engine(accelerator)
     sharded = engine in ("fsdp", "zero3")  # parameters sharded across processes
@@ -341,34 +466,53 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     set_seed(config.optim.seed)
 
     # Resume checks come before anything heavy is loaded.
+    main = accelerator.is_main_process
     start_step, resume_from, resume_state, changed = 0, None, None, []
-    fingerprint = config_fingerprint(config, processes=world)
-    if resume:
-        found = complete_checkpoints(ckpt_dir)
+    data_hash = data_digest(config.data.train, config.data.split)
+    fingerprint = config_fingerprint(config, processes=world, data_digest=data_hash)
+    found = complete_checkpoints(ckpt_dir)
+    final = out_dir / "final"
+    finished = _finished_record(final)  # how far the run's final model got, if it has one
+    if not resume:
+        if found:
+            raise ConfigError(
+                f"output_dir {out_dir} already holds checkpoints; pass --resume to continue that run or choose"
+                " another output_dir"
+            )
+        if final.exists():
+            raise ConfigError(
+                f"output_dir {out_dir} already holds a final model (final/); pass --resume to continue that run"
+                " (a finished run is left as it is) or choose another output_dir"
+            )
+    else:
         if found:
             resume_from = found[-1]
             resume_state = json.loads((resume_from / "state.json").read_text())
-            saved = resume_state["fingerprint"]
-            changed = sorted(k for k in {*saved, *fingerprint} if saved.get(k) != fingerprint.get(k))
-            if changed and not config.checkpoint.allow_changed_config:
-                what = ", ".join(f"{k}: {saved.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
-                raise ConfigError(
-                    f"refusing to resume from {resume_from}: changed since it was written: {what}; restore"
-                    " them, or set checkpoint.allow_changed_config=true to resume anyway"
-                )
             start_step = int(resume_state["step"])
-        elif accelerator.is_main_process:
-            print(f"[tether] --resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
-    elif complete_checkpoints(ckpt_dir):
-        raise ConfigError(
-            f"output_dir {out_dir} already holds checkpoints; pass --resume to continue that run or choose"
-            " another output_dir"
-        )
+        # Compared with the newest record of the run: the final model's, or else the last checkpoint's.
+        newest = finished if finished is not None and finished["step"] >= start_step else resume_state
+        if newest is not None:
+            refused, accepted = resume_changes(newest["fingerprint"], fingerprint)
+            changed = refused + accepted
+            if refused and not config.checkpoint.allow_changed_config:
+                trajectory = [k for k in refused if k in _TRAJECTORY_FIELDS]
+                raise ConfigError(
+                    f"refusing to resume from {resume_from if newest is resume_state else final}: changed since"
+                    f" it was written: {_changes(refused, newest['fingerprint'], fingerprint)}; restore them, or"
+                    " set checkpoint.allow_changed_config=true to resume anyway"
+                    + (
+                        f" ({', '.join(trajectory)} would change every step from here on: the result would"
+                        " match no uninterrupted run)"
+                        if trajectory
+                        else ""
+                    )
+                )
+            if changed and main:
+                print(
+                    f"[tether] --resume with changes: {_changes(changed, newest['fingerprint'], fingerprint)}"
+                )
 
     tokenizer = load_tokenizer(config.model)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.yaml")
     dataset, report = load_preference_data(
         config.data.train,
         tokenizer,
@@ -376,9 +520,43 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         max_prompt_length=config.data.max_prompt_length,
         on_bad_row=config.data.on_bad_row,
         split=config.data.split,
-        progress=config.logging.progress and accelerator.is_main_process,
+        progress=config.logging.progress and main,
     )
-    if accelerator.is_main_process:
+    global_batch = config.optim.batch_size * config.optim.grad_accum * world
+    steps_per_epoch = math.ceil(len(dataset) / global_batch)
+    total_steps = config.optim.max_steps or steps_per_epoch * config.optim.epochs
+    if resume and finished is not None:
+        if finished["step"] == total_steps:
+            if main:
+                print(
+                    f"[tether] the run in {out_dir} is complete: final/ holds step {total_steps} of"
+                    f" {total_steps}; nothing to do (raise optim.max_steps or optim.epochs to train on)"
+                )
+            return TrainResult(out_dir, total_steps, final, [], int(finished.get("skipped_steps", 0)), main)
+        if finished["step"] > total_steps:
+            raise ConfigError(
+                f"output_dir {out_dir} holds a final model of step {finished['step']}, beyond the {total_steps}"
+                " steps now configured (optim.max_steps / optim.epochs); a run cannot be shortened by resuming:"
+                " choose another output_dir"
+            )
+    if resume and not found and main:
+        print(f"[tether] --resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
+    if start_step > total_steps:
+        raise ConfigError(
+            f"cannot resume from {resume_from}: its step {start_step} is beyond the {total_steps} steps now"
+            " configured (optim.max_steps / optim.epochs)"
+        )
+    if (
+        main
+        and resume
+        and config.optim.scheduler != "constant"
+        and any(k in ("optim.max_steps", "optim.epochs") for k in changed)
+    ):
+        print(f"[tether] the {config.optim.scheduler} learning-rate schedule now spans {total_steps} steps")
+
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
         print(report.format_table())
         report.write_json(out_dir / "data_report.json")
     if len(dataset) == 0:
@@ -390,6 +568,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora.enabled:
+        _check_lora_targets(model, config.lora.target_modules)
         model = _apply_lora(model, config)
     _refuse_float16_training(model, config)
     if not sharded:  # FSDP and ZeRO-3 move each shard to its device when they wrap the model
@@ -400,9 +579,6 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     if engine == "zero3":
         _register_head_with_zero3(policy)
 
-    global_batch = config.optim.batch_size * config.optim.grad_accum * world
-    steps_per_epoch = math.ceil(len(dataset) / global_batch)
-    total_steps = config.optim.max_steps or steps_per_epoch * config.optim.epochs
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
         lr=config.optim.lr,
@@ -545,7 +721,12 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         history.append(record)
         if accelerator.is_main_process:
             if (step + 1) % config.logging.every == 0 or step + 1 == total_steps:
-                with open(out_dir / "metrics.jsonl", "a") as fh:
+                with (
+                    _explain_write_failure(
+                        f"the metrics of step {step + 1}", out_dir / "metrics.jsonl", ckpt_dir
+                    ),
+                    open(out_dir / "metrics.jsonl", "a") as fh,
+                ):
                     fh.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
                 if config.logging.trackers:
                     accelerator.log(
@@ -563,27 +744,37 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
                 "skipped_steps": skipped_steps,
                 "fingerprint": fingerprint,
             }
-            _save_checkpoint(
-                accelerator,
-                ckpt_dir,
-                step + 1,
-                state,
-                config.checkpoint.keep_last,
-                model,
-                tokenizer,
-                loadable=engine == "plain",
-            )
+            with _explain_write_failure(
+                f"checkpoint step {step + 1}", ckpt_dir / f"step-{step + 1:08d}.partial", ckpt_dir
+            ):
+                _save_checkpoint(
+                    accelerator,
+                    ckpt_dir,
+                    step + 1,
+                    state,
+                    config.checkpoint.keep_last,
+                    model,
+                    tokenizer,
+                    loadable=engine == "plain",
+                )
     bar.close()
 
-    final = out_dir / "final"
     accelerator.wait_for_everyone()
     require_finite_weights(accelerator, model, "the final model", ckpt_dir)
     # Sharded: every process takes part in gathering the full weights (to the main process, on CPU).
     full_state = accelerator.get_state_dict(model) if sharded else None
     if accelerator.is_main_process:
-        _save_final(
-            accelerator.unwrap_model(model).causal_lm, tokenizer, final, config, objective, full_state
-        )
+        with _explain_write_failure("the final model", final.with_name("final.partial"), ckpt_dir):
+            _save_final(
+                accelerator.unwrap_model(model).causal_lm, tokenizer, final, config, objective, full_state
+            )
+            # Written once final/ is complete: a resume of this run then knows it is finished.
+            with atomic_write(final / FINISHED_RECORD) as f:
+                f.write(
+                    json.dumps(
+                        {"step": total_steps, "skipped_steps": skipped_steps, "fingerprint": fingerprint}
+                    )
+                )
     accelerator.wait_for_everyone()
     if config.logging.trackers:
         accelerator.end_training()
@@ -711,9 +902,27 @@ def _has_accelerator() -> bool:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's `metrics.jsonl`, one per logged step (non-finite values are None)."""
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line]
+    """The records of a run's `metrics.jsonl`, one per logged step (non-finite values are None).
+
+    A torn last line (a run stopped, or a disk filled, while appending) is left out with a warning naming the
+    file and line; a line that is not JSON anywhere else is an error (ValueError naming the line)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i != last:
+                raise ValueError(f"{path}, line {i + 1}: not a JSON record ({exc})") from exc
+            warnings.warn(
+                f"{path}, line {i + 1}: torn last line left out (a run stopped while appending to it)",
+                stacklevel=2,
+            )
+    return records
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -15,6 +15,8 @@ As a script (under `python` or `torchrun`): `python _probes.py train CONFIG [key
                              and sleep (the test kills the process there)
   RELIABILITY_PAUSE_SAVE=S   inside the checkpoint save of step S, after accelerate wrote the model and optimizer
                              into `step-S.partial/` and before `state.json`: create the pause file and sleep
+  RELIABILITY_SLOW_CACHE_S=T  on the main process, the reference cache build (reference.mode=cache) first
+                             sleeps T seconds: the other processes wait for it at a barrier
   RELIABILITY_REPORT_DIR=D   after training, write D/rank-R.json with the exit code, skipped_steps and a SHA-256
                              of this process's parameters (to compare ranks)
 
@@ -119,6 +121,16 @@ def _pause_in_save(step: int, pause_file: str) -> None:
     Accelerator.save_state = save_state
 
 
+def _slow_cache_build(train_module, seconds: float) -> None:
+    original = train_module.build_reference_cache
+
+    def build(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    train_module.build_reference_cache = build
+
+
 def main(argv: list[str]) -> int:
     import tether.train as train_module
     from tether import cli
@@ -138,6 +150,8 @@ def main(argv: list[str]) -> int:
         pause_forward=int(env.get("RELIABILITY_PAUSE_FORWARD", "0")),
         pause_file=pause_file,
     )
+    if env.get("RELIABILITY_SLOW_CACHE_S"):
+        _slow_cache_build(train_module, float(env["RELIABILITY_SLOW_CACHE_S"]))
     if env.get("RELIABILITY_PAUSE_SAVE"):
         _pause_in_save(int(env["RELIABILITY_PAUSE_SAVE"]), pause_file or "")
 

@@ -93,6 +93,15 @@ CASES = {
     "bad_dtype": (["model.dtype=float8"], ["model.dtype", "'bfloat16'"]),
     "empty_model_path": (["model.path="], ["model.path", "empty"]),
     "missing_model_path": (["model.path=/no/such/model"], ["model.path", "/no/such/model", "not a folder"]),
+    "empty_output_dir": (["output_dir="], ["output_dir", "empty", "current directory"]),
+    "negative_seed": (["optim.seed=-1"], ["optim.seed", "[0, 2**32)"]),
+    "seed_too_large": (["optim.seed=4294967296"], ["optim.seed", "[0, 2**32)"]),
+    "unknown_tracker": (["logging.trackers=[bogus]"], ["logging.trackers[0]", "'bogus'", "'tensorboard'"]),
+    "lr_beyond_float32": (["optim.lr=1e39"], ["optim.lr", "finite", "3.403e+38"]),
+    "weight_decay_beyond_float32": (["optim.weight_decay=1e39"], ["optim.weight_decay", "3.403e+38"]),
+    "beta_beyond_float32": (["objective.beta=1e39"], ["objective.beta", "3.403e+38"]),
+    "infinite_grad_norm": (["optim.max_grad_norm=.inf"], ["optim.max_grad_norm", "finite"]),
+    "zero_timeout": (["distributed.timeout_s=0"], ["distributed.timeout_s", ">= 1"]),
 }
 
 
@@ -200,3 +209,25 @@ def test_separate_tokenizer_path_satisfies_the_check(setup, model_dir, tmp_path,
     config = load_config(setup, [f"model.path={folder}", f"model.tokenizer_path={model_dir}"])
     config.validate(check_paths=True)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["is_a_file", "inside_a_file"])
+def test_output_dir_that_is_a_file(setup, tmp_path, capsys, nothing_heavy, inside):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("not a run folder")
+    output_dir = existing / "run" if inside else existing
+    _fails_cleanly(setup, [f"output_dir={output_dir}"], capsys, ["output_dir", str(output_dir), "a file"])
+    assert existing.read_text() == "not a run folder"
+
+
+def test_unknown_lora_target_fails_before_training_naming_the_modules(setup, capsys):
+    """Checked once the model is loaded (its module names are needed), before anything trains or is written."""
+    code = cli.main(["train", str(setup), "lora.enabled=true", "lora.target_modules=[q_proj,no_such_proj]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]  # after transformers' loading progress bar
+    assert last.startswith("tether train: error: lora.target_modules: ['no_such_proj'] name no module")
+    for name in ("'q_proj'", "'down_proj'", "'lm_head'"):  # the model's linear modules
+        assert name in last
+    run = load_config(setup).output_dir
+    assert not (Path(run) / "metrics.jsonl").exists() and not (Path(run) / "final").exists()

@@ -204,9 +204,11 @@ def test_kill_before_the_first_checkpoint_completes(
 
 @pytest.fixture
 def finished_copy(reference, tmp_path):
-    """A copy of the uninterrupted run's folder (it keeps its last two checkpoints)."""
+    """A copy of the uninterrupted run's folder (it keeps its last two checkpoints) without final/: as if killed
+    while saving the final model (a finished run is not resumed: test_run_folder.py)."""
     out = tmp_path / "run"
     shutil.copytree(reference[0], out)
+    shutil.rmtree(out / "final")
     return out
 
 
@@ -278,9 +280,11 @@ def test_reference_cache_of_other_data_is_never_reused(tmp_path, write_jsonl, wr
     )
     first = train(load_config(config))
     assert first.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    shutil.rmtree(tmp_path / "run" / "final")  # a fresh run is refused over a final model; the cache stays
     second = train(load_config(config, [f"data.train={other_data}"]))
     assert second.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     # The same path regenerated in place (same size, other content), as a data pipeline would.
     first_data.write_bytes(other_data.read_bytes())
+    shutil.rmtree(tmp_path / "run" / "final")
     third = train(load_config(config))
     assert third.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

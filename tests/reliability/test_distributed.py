@@ -96,3 +96,35 @@ def test_uneven_data_every_pair_once_per_epoch(runs):
     assert [m["pairs"] for m in two] == [4, 4, 1] * EPOCHS
     for epoch in range(EPOCHS):
         assert sum(m["pairs"] for m in two if m["epoch"] == epoch) == PAIRS
+
+
+def test_a_slow_reference_cache_build_stops_at_distributed_timeout_s_with_a_clear_error(
+    tmp_path, write_jsonl, write_config, good_rows, runner
+):
+    """The main process builds the reference cache while the others wait at a barrier, for at most
+    distributed.timeout_s (torch's default under NCCL, 10 minutes, is too short for a large data set). A probe
+    slows the build to 60 s on the main process; with a 5 s timeout the waiting process stops with a one-line
+    error naming the field, and torchrun stops the job, long before the build would have ended."""
+    data = write_jsonl(tmp_path / "train.jsonl", good_rows(PAIRS, seed=4))
+    config = write_config(
+        tmp_path / "cfg.yaml",
+        data,
+        tmp_path / "run",
+        reference={"mode": "cache"},
+        optim={"batch_size": 1, "grad_accum": 2, "max_steps": 1},
+        distributed={"timeout_s": 5},
+    )
+    done = runner.run(
+        ["train", str(config)],
+        tmp_path / "log",
+        probes=True,
+        nproc=2,
+        env={"RELIABILITY_SLOW_CACHE_S": "60"},
+        timeout=200,
+    )
+    assert done.returncode != 0
+    assert (
+        "tether train: error: process 1 waited more than distributed.timeout_s=5 s for the main process to build"
+        " the reference cache" in done.stderr
+    ), done.stderr[-3000:]
+    assert not (tmp_path / "run" / "reference_cache").exists()  # stopped before the build ended
