@@ -66,12 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     from tether.config import ConfigError
     from tether.data import DataError
     from tether.modeling import UnsupportedModelError
+    from tether.train import NonFiniteError, RunWriteError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, UnsupportedModelError) as exc:
+    except (ConfigError, DataError, UnsupportedModelError) as exc:  # the input: fix it and run again
         print(f"tether {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (RunWriteError, NonFiniteError) as exc:  # the run stopped; the message says what is intact
+        print(f"tether {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -387,6 +387,9 @@ def _cache_key(config: TrainConfig, pairs: int, store_hidden: bool) -> dict[str,
     return json.loads(
         json.dumps(
             {
+                # 2: caches record and apply the model's head transform (logit scale, soft-cap); a cache
+                # written before it holds wrong log-probs for such models and is rebuilt.
+                "format": 2,
                 "reference": str(Path(reference).resolve()),
                 "weights": _stamps(Path(reference), "*.safetensors"),
                 "tokenizer": str(Path(config.model.tokenizer_path or config.model.path).resolve()),

@@ -131,6 +131,29 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_earlier_ones(
     assert _steps(out) == [1, 2, 3, 4]
 
 
+def test_cli_a_full_disk_exits_1_with_one_line(
+    tmp_path, write_jsonl, write_config, good_rows, monkeypatch, capsys
+):
+    """`tether train` reports the failed write in one line (exit 1: the input was fine), no traceback."""
+    from tether.cli import main
+
+    data = write_jsonl(tmp_path / "train.jsonl", good_rows(8, seed=2))
+    config = write_config(
+        tmp_path / "cfg.yaml", data, tmp_path / "run", optim={"max_steps": 2}, checkpoint={"every": 1}
+    )
+
+    def save_state(self, output_dir=None, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+    capsys.readouterr()
+    assert main(["train", str(config)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tether train: error:")]
+    assert len(errors) == 1 and errors[0].startswith("tether train: error: could not write checkpoint step 1")
+    assert "the disk is full" in errors[0] and "Traceback" not in err
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 560 KiB tmpfs (needs root): room for the run's files and one checkpoint (~350 KiB), not two."""
