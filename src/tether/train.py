@@ -77,6 +77,9 @@ class NonFiniteWeightsError(NonFiniteError):
 class RunWriteError(OSError):
     """Writing into the run folder failed (a full disk, a read-only or vanished file system)."""
 
+    def __str__(self) -> str:  # the message alone: "[Errno 28]" says nothing the message does not
+        return self.strerror or super().__str__()
+
 
 @dataclass
 class TrainResult:
