@@ -95,6 +95,59 @@ def test_demo_writes_models_data_metrics_and_plots(demo):
         assert f"]({png})" in report, png
     summary = json.loads((out / "summary.json").read_text())
     assert summary["quick"] is True and set(summary["timings_s"]) == {"sft", "pairs", "train", "eval"}
+    # The levers summary repeats the evaluation's numbers at the highest temperature and the metrics' first
+    # and last chosen log-probs: it is read from the run's files, not computed separately.
+    levers = summary["levers"]
+    top = max(float(t) for t in next(iter(evaluation["models"].values()))["temperatures"])
+    assert levers["temperature"] == top
+    for name, entry in evaluation["models"].items():
+        m = next(v for t, v in entry["temperatures"].items() if float(t) == top)
+        assert levers["models"][name]["pass@1"] == m["pass@k"]["1"]
+        assert levers["models"][name]["entropy"] == m["entropy"]
+    for name, _ in DEMO_OBJECTIVES:
+        metrics = [
+            json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert levers["training"][name]["logps/chosen first"] == metrics[0]["logps/chosen"]
+        assert levers["training"][name]["logps/chosen last"] == metrics[-1]["logps/chosen"]
+    assert 0 <= levers["training"]["epsilon_dpo"]["beta/relaxed_frac mean"] <= 1
+    assert "## What each lever did" in report
+
+
+def _lever_summary(entropies: dict[str, float], kl: dict[str, float], chosen_late: float) -> dict:
+    models = {
+        name: {"pass@1": 0.5 + 0.01 * i, "entropy": entropies[name], "unique_answers": 3.0, "kl": kl[name]}
+        for i, name in enumerate(["reference", "dpo", "hdpo_a0.8", "hdpo_a1.2", "tdpo2"])
+    }
+    training = {name: {"logratios/chosen late": chosen_late} for name in models}
+    training["epsilon_dpo"] = {
+        "logratios/chosen late": 0.5,
+        "beta/relaxed_frac mean": 0.25,
+        "beta/tightened_frac mean": 0.125,
+        "beta/base last": 0.75,
+    }
+    return {"temperature": 1.0, "models": models, "training": training}
+
+
+def test_lever_lines_state_the_direction_seen():
+    """The report's lever sentences follow the numbers: the H-DPO order, TDPO2's KL, displacement."""
+    from tether.demo import _lever_lines
+
+    kl = {"reference": 0.0, "dpo": 2.0, "hdpo_a0.8": 2.0, "hdpo_a1.2": 2.0, "tdpo2": 1.0}
+    paper = {"reference": 0.4, "dpo": 0.3, "hdpo_a0.8": 0.2, "hdpo_a1.2": 0.35, "tdpo2": 0.3}
+    text = "\n".join(_lever_lines(_lever_summary(paper, kl, chosen_late=0.5)))
+    assert "alpha 0.8 0.200, lower than DPO's as the paper says" in text
+    assert "alpha 1.2 0.350, higher than DPO's as the paper says." in text
+    assert "over the last tenth of training): in no run." in text
+    assert "KL lower than DPO's at pass@1 higher than DPO's" in text  # 0.54 vs 0.51: beyond 0.02
+    assert "25.0% of pairs per step had their beta relaxed and 12.5% tightened" in text
+    assert "4 of 4 policies improve on the reference" in text
+
+    reversed_ = {**paper, "hdpo_a0.8": 0.4, "hdpo_a1.2": 0.2}
+    text = "\n".join(_lever_lines(_lever_summary(reversed_, kl, chosen_late=-1.0)))
+    assert "alpha 0.8 0.400, higher than DPO's (not the paper's direction)" in text
+    assert "alpha 1.2 0.200, lower than DPO's (not the paper's direction)." in text
+    assert "dpo -1.00 nats" in text and "epsilon_dpo" not in text.split("displacement")[1].split("\n")[0]
 
 
 @pytest.mark.parametrize("example", ["toy.yaml", "dpo.yaml"])

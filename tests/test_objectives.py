@@ -85,7 +85,8 @@ def test_dpo_hand_derived_losses_and_metrics():
              rewards/chosen = (1 - 0.5)/2 = 0.25, rewards/rejected = (0 + 0.5)/2 = 0.25,
              rewards/margins = mean(1 - 0, -0.5 - 0.5) = mean(1, -1) = 0,
              rewards/accuracies = mean(1 > 0, -0.5 > 0.5) = 0.5,
-             logps/chosen = mean(-10, -5) = -7.5, logps/rejected = mean(-11, -3) = -7.
+             logps/chosen = mean(-10, -5) = -7.5, logps/rejected = mean(-11, -3) = -7,
+             logratios/chosen = mean(pw - rw) = mean(2, -1) = 0.5, logratios/rejected = mean(0, 1) = 0.5.
     Metrics are detached (they must not keep the graph alive).
     """
     out = DPO(beta=0.5)(make_stats(**TWO_PAIRS))
@@ -100,6 +101,8 @@ def test_dpo_hand_derived_losses_and_metrics():
         "rewards/accuracies": 0.5,
         "logps/chosen": -7.5,
         "logps/rejected": -7.0,
+        "logratios/chosen": 0.5,
+        "logratios/rejected": 0.5,
     }
     assert set(expected) <= set(out.metrics)
     for name, value in expected.items():

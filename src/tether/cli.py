@@ -2,7 +2,7 @@
 
 tether train CONFIG.yaml [key=value ...] [--resume]
 tether eval CONFIG.yaml [key=value ...]
-tether demo [--quick] [--output DIR]
+tether demo [--quick] [--output DIR] [--seed N]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tether.demo import run_demo
 
-    report = run_demo(output_dir=args.output, quick=args.quick, progress=not args.no_progress)
+    report = run_demo(output_dir=args.output, quick=args.quick, progress=not args.no_progress, seed=args.seed)
     print(f"[tether] demo report: {report}")
     return 0
 
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on 2 CPU cores)")
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=int, default=0, help="replicate of the whole pipeline (default: 0)")
     p.set_defaults(func=_demo)
     return parser
 

@@ -122,6 +122,10 @@ def _metrics(out: ObjectiveOutput, stats: PairStats) -> ObjectiveOutput:
     m["rewards/accuracies"] = (cr > rr).float().mean()
     m["logps/chosen"] = stats.policy_chosen_logps.detach().mean()
     m["logps/rejected"] = stats.policy_rejected_logps.detach().mean()
+    # log pi(y) - log pi_ref(y) of the batch's responses, whatever the objective's beta or alpha: a negative
+    # logratios/chosen is likelihood displacement (the chosen responses lost probability to unseen ones).
+    m["logratios/chosen"] = (stats.policy_chosen_logps - stats.ref_chosen_logps).detach().mean()
+    m["logratios/rejected"] = (stats.policy_rejected_logps - stats.ref_rejected_logps).detach().mean()
     for side in ("chosen", "rejected"):
         ent, lengths = getattr(stats, f"entropy_{side}"), getattr(stats, f"{side}_lengths")
         if ent is not None and lengths is not None:
