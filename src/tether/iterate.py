@@ -163,19 +163,42 @@ def to_dict(config: IterateConfig) -> dict[str, Any]:
 
 def iterate(config: IterateConfig, resume: bool = False) -> list[dict[str, Any]]:
     """Run (or, with resume, continue) every round; returns the records written to rounds.jsonl."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not config.progress:
+        hf_logging.disable_progress_bar()  # transformers' loading / saving bars
+    try:
+        return _rounds(config, resume)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _rounds(config: IterateConfig, resume: bool) -> list[dict[str, Any]]:
     out = Path(config.output_dir)
     start_run_folder(out, config, resume)
-    initial = Path(config.model)
-    policy = initial
+    policy = Path(config.model)
     for r in range(1, config.rounds + 1):
         folder = out / f"round-{r:03d}"
         if not (folder / RECORD).exists():
-            _say(f"round {r}/{config.rounds}")
-            run_round(config, r, folder, policy)
+            _say(f"round {r}/{config.rounds}: sampling from {policy}")
+            _say(_summary(run_round(config, r, folder, policy)))
         policy = folder / "train" / "final"
         records = write_rounds(out, config.rounds)
         plot_rounds(records, out / "rounds.png")
     return records
+
+
+def _summary(record: dict[str, Any]) -> str:
+    p = record["pairing"]
+    parts = [f"round {record['round']}: {p['num_pairs']} pairs ({p['skipped_all_tied']} prompts tied)"]
+    for t, m in record["eval"].items():
+        headline = f"pass@1 {m['pass@k']['1']:.3f}" if "1" in m.get("pass@k", {}) else ""
+        if "reward" in m:
+            headline += f" reward {m['reward']:.3f}"
+        parts.append(f"T={t}: {headline} entropy {m['entropy']:.3f} KL initial {m['kl_forward_initial']:.3f}")
+    return "; ".join(parts)
 
 
 def run_round(config: IterateConfig, r: int, folder: Path, policy: Path) -> dict[str, Any]:
