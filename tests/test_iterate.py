@@ -28,8 +28,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tether import cli
 from tether.config import ConfigError
-from tether.iterate import config_from_dict, iterate, read_rounds
+from tether.iterate import config_from_dict, iterate, labeller, read_rounds
 from tether.toy.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -204,6 +205,65 @@ def test_reference_previous_trains_against_the_last_policy(initial_model, tmp_pa
     first = _lines(out / "round-002" / "train" / "metrics.jsonl")[0]["loss"]
     assert first == pytest.approx(math.log(2), abs=1e-6)
     assert read_rounds(out)[2]["reference"] == "round-001/train/final"
+
+
+def partial_reward(prompt: str, completion: str) -> float:
+    """Share of the answer's positions where the completion has the right letter (a dense reward)."""
+    answer = prompt[::-1]
+    return sum(a == c for a, c in zip(answer, completion)) / max(len(answer), len(completion), 1)
+
+
+def test_labels_come_from_the_verifier_or_the_callable_reward(initial_model, tmp_path):
+    rows = [{"prompt": "abc"}, {"prompt": "abcd"}]
+    prompts, completions = ["abc", "abc", "abcd", "abcd"], ["cba", "cbx", "dcba", "dc"]
+    verified = config_from_dict(config_dict(initial_model, tmp_path / "a"))
+    assert labeller(verified, rows)(prompts, completions) == [1.0, 0.0, 1.0, 0.0]
+    rewarded = config_from_dict(
+        config_dict(initial_model, tmp_path / "b", verifier=None, reward="test_iterate:partial_reward")
+    )
+    assert labeller(rewarded, rows)(prompts, completions) == [1.0, 2 / 3, 1.0, 0.5]
+
+
+def test_a_round_with_a_callable_reward(initial_model, tmp_path):
+    """Pairs ordered by the reward; the held-out reward in the record is eval.json's; no pass@k without a
+    verifier."""
+    out = tmp_path / "run"
+    data = config_dict(initial_model, out, rounds=1, verifier=None, reward="test_iterate:partial_reward")
+    records = iterate(config_from_dict(data))
+    for pair in _lines(out / "round-001" / "pairs.jsonl"):
+        prompt = pair["prompt"][0]["content"]
+        assert partial_reward(prompt, pair["chosen"][0]["content"]) > partial_reward(
+            prompt, pair["rejected"][0]["content"]
+        )
+    result = json.loads((out / "round-001" / "eval" / "eval.json").read_text())
+    metrics = result["models"]["policy"]["temperatures"]["1"]
+    assert records[1]["eval"]["1"]["reward"] == metrics["reward"] and "pass@k" not in metrics
+    assert records[0]["eval"]["1"]["reward"] == result["models"]["reference"]["temperatures"]["1"]["reward"]
+
+
+def test_the_toy_example_runs_a_round(initial_model, tmp_path):
+    """examples/iterate_toy.yaml, shrunk by overrides and pointed at the test's model, through the CLI."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "iterate_toy.yaml"
+    out = tmp_path / "run"
+    shrink = [
+        f"model={initial_model}",
+        f"output_dir={out}",
+        "rounds=1",
+        "num_prompts=8",
+        "eval.num_prompts=4",
+        "train.optim.max_steps=2",
+        "progress=false",
+    ]
+    assert cli.main(["iterate", str(example), *shrink]) == 0
+    record = read_rounds(out)[1]
+    assert record["train"]["steps"] == 2 and record["objective"] == {"name": "dpo", "beta": 0.1}
+
+
+def test_cli_bad_key_exits_2_naming_it(initial_model, tmp_path, capsys):
+    example = Path(__file__).resolve().parents[1] / "examples" / "iterate_toy.yaml"
+    assert cli.main(["iterate", str(example), "sample.temprature=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "sample.temprature" in err and "Traceback" not in err
 
 
 # --- configuration ---------------------------------------------------------------------------------------

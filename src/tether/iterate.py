@@ -213,9 +213,11 @@ def run_round(config: IterateConfig, r: int, folder: Path, policy: Path) -> dict
     with _timed(seconds, "train"):
         new_policy = folder / "train" / "final"
         if not new_policy.exists():
-            from tether.train import train
+            from tether.train import complete_checkpoints, train
 
-            train(round_train_config(config, r, policy), resume=True)
+            # A killed attempt's training continues from its last complete checkpoint.
+            resume = bool(complete_checkpoints(folder / "train" / "checkpoints"))
+            train(round_train_config(config, r, policy), resume=resume)
     with _timed(seconds, "eval"):
         evaluations = evaluate_round(config, folder, new_policy, policy)
     record = round_record(config, r, policy, evaluations, seconds)
