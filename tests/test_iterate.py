@@ -241,6 +241,35 @@ def test_a_round_with_a_callable_reward(initial_model, tmp_path):
     assert records[0]["eval"]["1"]["reward"] == result["models"]["reference"]["temperatures"]["1"]["reward"]
 
 
+def test_prompt_files_with_exact_match(initial_model, tmp_path):
+    """Training prompts from a JSONL file (its first num_prompts rows, the same each round), held-out prompts
+    from another, labels by exact match against each row's answer."""
+    task = get_task("reverse")
+
+    def write(path: Path, words: list[str]) -> Path:
+        path.write_text("".join(json.dumps({"prompt": w, "answer": w[::-1]}) + "\n" for w in words))
+        return path
+
+    train_words = task.make_prompts(20, seed=5)
+    data = config_dict(
+        initial_model,
+        tmp_path / "run",
+        task=None,
+        prompts=str(write(tmp_path / "train.jsonl", train_words)),
+        num_prompts=16,
+        verifier="exact_match",
+    )
+    data["eval"]["prompts"] = str(write(tmp_path / "held_out.jsonl", task.make_prompts(8, seed=6)))
+    iterate(config_from_dict(data))
+    for r in (1, 2):
+        samples = _lines(tmp_path / "run" / f"round-{r:03d}" / "samples.jsonl")
+        assert [s["prompt"] for s in samples] == train_words[:16]
+        for s in samples:
+            assert s["labels"] == [float(c.strip() == s["prompt"][::-1]) for c in s["completions"]]
+    held_out = read_rounds(tmp_path / "run")[2]["eval"]["1"]
+    assert held_out["num_prompts"] == 8 and set(held_out["pass@k"]) == {"1", "4"}
+
+
 def test_the_toy_example_runs_a_round(initial_model, tmp_path):
     """examples/iterate_toy.yaml, shrunk by overrides and pointed at the test's model, through the CLI."""
     example = Path(__file__).resolve().parents[1] / "examples" / "iterate_toy.yaml"

@@ -211,15 +211,10 @@ def run_round(config: IterateConfig, r: int, folder: Path, policy: Path) -> dict
         if not (folder / "pairing.json").exists():
             make_pairs(config, folder)
     with _timed(seconds, "train"):
-        new_policy = folder / "train" / "final"
-        if not new_policy.exists():
-            from tether.train import complete_checkpoints, train
-
-            # A killed attempt's training continues from its last complete checkpoint.
-            resume = bool(complete_checkpoints(folder / "train" / "checkpoints"))
-            train(round_train_config(config, r, policy), resume=resume)
+        if not (folder / "train" / "final").exists():
+            train_round(config, r, policy)
     with _timed(seconds, "eval"):
-        evaluations = evaluate_round(config, folder, new_policy, policy)
+        evaluations = evaluate_round(config, folder, folder / "train" / "final", policy)
     record = round_record(config, r, policy, evaluations, seconds)
     with atomic_write(folder / RECORD) as f:
         json.dump(record, f, indent=1)
@@ -238,9 +233,10 @@ def training_prompts(config: IterateConfig, r: int) -> list[dict[str, Any]]:
             {"prompt": p}
             for p in get_task(config.task).make_prompts(config.num_prompts, config.prompt_seed + r)
         ]
-    spec = eval_config(config, Path(config.output_dir), Path(config.model), Path(config.model))
-    spec.prompts, spec.num_prompts = config.prompts, config.num_prompts
-    rows, _ = load_examples(spec)
+    held_out = eval_config(config, Path(config.output_dir), Path(config.model), Path(config.model))
+    rows, _ = load_examples(
+        dataclasses.replace(held_out, task=None, prompts=config.prompts, num_prompts=config.num_prompts)
+    )
     return rows
 
 
@@ -326,6 +322,15 @@ def make_pairs(config: IterateConfig, folder: Path) -> None:
         json.dump(stats.as_dict(), f, indent=1)
 
 
+def train_round(config: IterateConfig, r: int, policy: Path) -> None:
+    """`tether train` from `policy` on round r's pairs; a killed attempt continues from its last checkpoint."""
+    from tether.train import complete_checkpoints, train
+
+    train_config = round_train_config(config, r, policy)
+    resume = bool(complete_checkpoints(Path(train_config.output_dir) / "checkpoints"))
+    train(train_config, resume=resume)
+
+
 def round_train_config(config: IterateConfig, r: int, policy: Path) -> TrainConfig:
     """The `train:` section with the fields iterate owns: round r's folder, policy, pairs and reference."""
     folder = Path(config.output_dir) / f"round-{r:03d}"
@@ -367,7 +372,7 @@ def eval_config(config: IterateConfig, folder: Path, policy: Path, reference: Pa
                 "cache_dir": str(Path(config.output_dir) / "eval_samples"),
                 "batch_size": e.batch_size,
                 "diversity_unit": e.diversity_unit,
-                "dtype": config.train.get("model", {}).get("dtype", "float32"),
+                "dtype": round_train_config(config, 1, policy).model.dtype,
                 "progress": config.progress,
             }
         ).validate()
