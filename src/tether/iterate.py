@@ -182,7 +182,7 @@ def _rounds(config: IterateConfig, resume: bool) -> list[dict[str, Any]]:
     for r in range(1, config.rounds + 1):
         folder = out / f"round-{r:03d}"
         if not (folder / RECORD).exists():
-            _say(f"round {r}/{config.rounds}: sampling from {policy}")
+            _say(f"round {r}/{config.rounds}, starting from {policy}")
             _say(_summary(run_round(config, r, folder, policy)))
         policy = folder / "train" / "final"
         records = write_rounds(out, config.rounds)
