@@ -308,6 +308,7 @@ def test_cli_bad_key_exits_2_naming_it(initial_model, tmp_path, capsys):
         ({"train": {"model": {"path": "x"}}}, "train.model.path"),
         ({"train": {"objective": {"name": "nope"}}}, "objective.name"),
         ({"reference": "last"}, "reference"),
+        ({"train": {"lora": {"enabled": True}}}, "train.reference.mode=copy"),
         ({"verifier": None}, "verifier / reward"),
         ({"eval": {"k": [1, 16]}}, "eval: k"),
     ],

@@ -115,7 +115,14 @@ class IterateConfig:
             raise ConfigError(
                 f"train.{taken[0]} is set by tether iterate each round; remove it from the train section"
             )
-        round_train_config(self, 1, Path(self.model)).validate(check_paths=False)
+        train = round_train_config(self, 1, Path(self.model))
+        if self.reference == "initial" and train.reference_mode() == "adapter":
+            raise ConfigError(
+                "reference: initial needs the initial model beside the policy, but the LoRA policy with its"
+                " adapters off is the reference (train.reference.mode adapter or auto): set"
+                " train.reference.mode=copy or cache, or reference: previous"
+            )
+        train.validate(check_paths=False)
         eval_config(self, Path(self.output_dir) / "round-001", Path(self.model), Path(self.model))
         return self
 
