@@ -1,7 +1,8 @@
-"""Command line: `tether train`, `tether eval`, `tether demo`.
+"""Command line: `tether train`, `tether eval`, `tether iterate`, `tether demo`.
 
 tether train CONFIG.yaml [key=value ...] [--resume]
 tether eval CONFIG.yaml [key=value ...]
+tether iterate CONFIG.yaml [key=value ...] [--resume]
 tether demo [--quick] [--output DIR] [--seed N]
 """
 
@@ -28,6 +29,20 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_main([args.config, *args.overrides])
 
 
+def _iterate(args: argparse.Namespace) -> int:
+    from tether.config import ConfigError
+    from tether.evaluate.config import ConfigError as EvalConfigError
+    from tether.iterate import iterate, load_iterate_config
+
+    config = load_iterate_config(args.config, args.overrides)
+    try:
+        records = iterate(config, resume=args.resume)
+    except EvalConfigError as exc:  # a held-out or training prompt file that cannot be read
+        raise ConfigError(str(exc)) from None
+    print(f"[tether] done: {len(records) - 1} rounds in {config.output_dir} (rounds.jsonl, rounds.png)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tether.demo import run_demo
 
@@ -52,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML eval config (see docs/evaluate.md)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("iterate", help="on-policy rounds: sample, label, pair, train, evaluate")
+    p.add_argument("config", help="YAML iterate config (see docs/iterate.md)")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. rounds=4 train.objective.name=hdpo"
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run where it stopped")
+    p.set_defaults(func=_iterate)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in toy task (no downloads)")
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on 2 CPU cores)")

@@ -123,13 +123,10 @@ def make_preference_pairs(
     temperature: float = 1.0,
     max_new_tokens: int | None = None,
 ) -> tuple[list[dict[str, list[dict[str, str]]]], PairingStats]:
-    """Sample from `model`, score with `task.reward`, and pair samples of the same prompt (`pair_indices`).
+    """Sample from `model`, score with `task.reward`, and pair samples of the same prompt (`pair_samples`).
 
-    With pairs_per_prompt=1 each prompt gives its best sample against its worst. A sample whose completion
-    is empty (the model stopped at once) is never paired: an empty response is a bad row for tether's data
-    loader; such samples are counted in `empty_samples` (their rewards still count in `mean_reward`).
-    Prompts whose non-empty samples all tie give no pair and are counted in `skipped_all_tied`.
-    max_new_tokens defaults to the task's.
+    With pairs_per_prompt=1 each prompt gives its best sample against its worst; empty completions are never
+    paired (see `pair_samples`). max_new_tokens defaults to the task's.
     Returns (rows in TRL's conversational format, stats).
     """
     if samples_per_prompt < 2:
@@ -139,32 +136,54 @@ def make_preference_pairs(
     samples = sample_completions(
         model, tokenizer, prompts, samples_per_prompt, temperature, max_new_tokens, seed
     )
+    rewards = [
+        [task.reward(p, c) for c in completions] for p, completions in zip(prompts, samples, strict=True)
+    ]
+    return pair_samples(prompts, samples, rewards, pairs_per_prompt)
+
+
+def pair_samples(
+    prompts: list[str],
+    completions: list[list[str]],
+    rewards: list[list[float]],
+    pairs_per_prompt: int = 1,
+) -> tuple[list[dict[str, list[dict[str, str]]]], PairingStats]:
+    """Preference pairs from scored samples: completions[i][j] of prompts[i] has reward rewards[i][j].
+
+    Within each prompt, non-empty samples are paired by `pair_indices`. An empty completion (the model
+    stopped at once) is never paired, an empty response being a bad row for tether's data loader; it is
+    counted in `empty_samples` (its reward still counts in `mean_reward`). A prompt whose non-empty samples
+    all tie gives no pair and is counted in `skipped_all_tied`. Every prompt must have the same number of
+    samples. Returns (rows in TRL's conversational format, stats).
+    """
     rows: list[dict[str, list[dict[str, str]]]] = []
     all_rewards: list[float] = []
     chosen_rewards: list[float] = []
     rejected_rewards: list[float] = []
     skipped = empty = 0
-    for prompt, all_completions in zip(prompts, samples, strict=True):
-        all_rewards += [task.reward(prompt, completion) for completion in all_completions]
-        completions = [c for c in all_completions if c.strip()]
-        empty += len(all_completions) - len(completions)
-        rewards = [task.reward(prompt, completion) for completion in completions]
-        if len(set(rewards)) < 2:
+    for prompt, per_prompt, per_rewards in zip(prompts, completions, rewards, strict=True):
+        if len(per_rewards) != len(per_prompt):
+            raise ValueError(f"pair_samples: {len(per_prompt)} completions but {len(per_rewards)} rewards")
+        all_rewards += per_rewards
+        kept = [(c, r) for c, r in zip(per_prompt, per_rewards) if c.strip()]
+        empty += len(per_prompt) - len(kept)
+        kept_rewards = [r for _, r in kept]
+        if len(set(kept_rewards)) < 2:
             skipped += 1
             continue
-        for chosen, rejected in pair_indices(rewards, pairs_per_prompt):
+        for chosen, rejected in pair_indices(kept_rewards, pairs_per_prompt):
             rows.append(
                 {
                     "prompt": [{"role": "user", "content": prompt}],
-                    "chosen": [{"role": "assistant", "content": completions[chosen]}],
-                    "rejected": [{"role": "assistant", "content": completions[rejected]}],
+                    "chosen": [{"role": "assistant", "content": kept[chosen][0]}],
+                    "rejected": [{"role": "assistant", "content": kept[rejected][0]}],
                 }
             )
-            chosen_rewards.append(rewards[chosen])
-            rejected_rewards.append(rewards[rejected])
+            chosen_rewards.append(kept_rewards[chosen])
+            rejected_rewards.append(kept_rewards[rejected])
     stats = PairingStats(
         num_prompts=len(prompts),
-        samples_per_prompt=samples_per_prompt,
+        samples_per_prompt=len(completions[0]) if completions else 0,
         num_pairs=len(rows),
         skipped_all_tied=skipped,
         empty_samples=empty,
