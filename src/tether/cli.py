@@ -10,6 +10,7 @@ tether model smollm2 [--cache-dir DIR]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 
@@ -43,7 +44,8 @@ def _convert_gguf(args: argparse.Namespace) -> int:
 
     from tether.gguf import convert
 
-    folder = convert(args.file, args.out_dir, dtype=getattr(torch, args.dtype))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the folder only: `$(tether convert-gguf ...)`
+        folder = convert(args.file, args.out_dir, dtype=getattr(torch, args.dtype))
     print(folder)
     return 0
 
@@ -51,7 +53,9 @@ def _convert_gguf(args: argparse.Namespace) -> int:
 def _model(args: argparse.Namespace) -> int:
     from tether.pretrained import model_folder
 
-    print(model_folder(args.name, cache_dir=args.cache_dir))
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' log lines: stdout is the folder only
+        folder = model_folder(args.name, cache_dir=args.cache_dir)
+    print(folder)
     return 0
 
 
