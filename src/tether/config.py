@@ -84,9 +84,7 @@ class ReferenceConfig:
     mode: str = "auto"  # copy: frozen copy (+1 model in memory) | adapter: LoRA policy with adapters off
     # (no extra memory; needs lora.enabled) | cache: one pass before training, stored on disk (no model in
     # memory during training) | auto: adapter with LoRA, else copy
-    path: str | None = (
-        None  # a different reference model folder or .gguf (default: the policy's initial weights)
-    )
+    path: str | None = None  # another reference model folder or .gguf (default: the policy's initial weights)
     cache_dtype: str = (
         "float32"  # dtype of cached reference hidden states (TDPO / epsilon-DPO); float16 halves disk
     )
