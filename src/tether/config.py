@@ -67,14 +67,21 @@ class ObjectiveConfig:
     epsilon: float | None = None  # epsilon-DPO's perturbation size, in (0, 1)
     label_smoothing: float | None = None  # cDPO's label noise, in [0, 0.5)
     length_normalize: bool | None = None  # IPO: divide log-ratios by response length (TRL's ipo)
+    weight: float = 1.0  # weight of this objective's loss in the total (TRL's loss_weights[0])
+    sft_weight: float = 0.0  # weight of the SFT term added: chosen responses' token-mean NLL (TRL's sft)
 
     def hparams(self) -> dict[str, Any]:
-        """Constructor arguments of the objective: beta plus every field that was set."""
+        """Arguments of `build_objective`: beta, every field that was set, and the loss mixture's weights
+        when they are not 1 and 0."""
         out = {"beta": self.beta}
         for name in ("alpha", "entropy_alpha", "epsilon", "label_smoothing", "length_normalize"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.weight != 1.0:
+            out["weight"] = self.weight
+        if self.sft_weight != 0.0:
+            out["sft_weight"] = self.sft_weight
         return out
 
 
