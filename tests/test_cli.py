@@ -88,3 +88,40 @@ def test_resume_with_changed_objective_exits_2(tmp_path, config_file, capsys):
     # A fresh run into a folder with checkpoints is refused too (it would mix two runs' checkpoints).
     assert main(["train", str(config_file), "optim.max_steps=2"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from tether import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tether {__version__}"
+
+
+def test_train_help_lists_objectives_and_every_config_key(capsys):
+    """`tether train --help` names every objective and every field of TrainConfig with its doc, generated from
+    tether.config's comments (a field added without a comment fails here)."""
+    import dataclasses
+
+    from tether.config import TrainConfig, field_docs
+    from tether.objectives import OBJECTIVES
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    docs = field_docs()
+    keys = {"output_dir"} | {
+        f"{s.name}.{f.name}"
+        for s in dataclasses.fields(TrainConfig)
+        if s.name != "output_dir"
+        for f in dataclasses.fields(getattr(TrainConfig(), s.name))
+    }
+    assert set(docs) == keys
+    for key, doc in docs.items():
+        assert len(doc) > 5, key
+        assert f"  {key} " in out and doc[:40] in out, key
+    assert docs["optim.lr"] == "peak learning rate of AdamW"
+    assert docs["lora.target_modules"] == "modules that get adapters"
+    for name in OBJECTIVES:
+        assert f"  {name} " in out
