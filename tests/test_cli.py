@@ -125,3 +125,25 @@ def test_train_help_lists_objectives_and_every_config_key(capsys):
     assert docs["lora.target_modules"] == "modules that get adapters"
     for name in OBJECTIVES:
         assert f"  {name} " in out
+
+
+def test_cpu_run_prints_no_deepspeed_accelerator_warning(train_yaml):
+    """With deepspeed installed, accelerate imports it inside unwrap_model on every run, and deepspeed then logs
+    "Setting accelerator to CPU ..." (twice per run here, before the filter); `tether train` shows neither."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("deepspeed") is None or torch.cuda.is_available():
+        pytest.skip("the warning needs deepspeed installed and no GPU")
+    src = Path(__file__).resolve().parents[1] / "src"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "train", str(train_yaml("quiet")), "optim.max_steps=1"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "done: 1 steps" in proc.stdout
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr

@@ -107,8 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_deepspeed_cpu_notice() -> None:
+    """accelerate imports deepspeed (when installed) inside `unwrap_model`, on every run, and deepspeed then warns
+    "Setting accelerator to CPU ..." on a machine without a GPU, though no DeepSpeed engine runs. Drop that one
+    message with a filter on deepspeed's logger ("DeepSpeed"; created here if deepspeed is not imported yet,
+    kept when it is): nothing is imported, every other DeepSpeed message stays."""
+    import logging
+
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DeepSpeedCPUNotice) for f in logger.filters):
+        logger.addFilter(_DeepSpeedCPUNotice())
+
+
+class _DeepSpeedCPUNotice:
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_deepspeed_cpu_notice()
     from tether.config import ConfigError
     from tether.data import DataError
     from tether.modeling import UnsupportedModelError
