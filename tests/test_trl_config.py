@@ -363,3 +363,15 @@ def test_trl_override_of_a_refused_field_is_a_config_error(tmp_path):
         resolve_config(path, ["torch_compile=true"])
     config, sources = resolve_config(path, ["objective=tdpo2"])
     assert config.objective.name == "tdpo2" and sources["objective.name"] == "tether objective line"
+
+
+def test_docs_table_has_every_field():
+    """docs/trl.md's field-by-field table has a row for every field of the table in code, with its status."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "trl.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")
+    }
+    assert set(FIELDS) <= set(rows)
+    for name, field in FIELDS.items():
+        status = {"mapped": "mapped", "no_effect": "no effect", "refused": "**refused**"}[field.kind]
+        assert status in rows[name], name
