@@ -375,3 +375,84 @@ def test_docs_table_has_every_field():
     for name, field in FIELDS.items():
         status = {"mapped": "mapped", "no_effect": "no effect", "refused": "**refused**"}[field.kind]
         assert status in rows[name], name
+
+
+PARSED_BY_TRL = {
+    "minimal": {
+        "model_name_or_path": "m",
+        "dataset_name": "d.jsonl",
+        "use_cpu": True,
+    },  # TRL needs it for bf16 on CPU
+    "example": {
+        **TRL_YAML,
+        "model_name_or_path": "m",
+        "dataset_name": "d.jsonl",
+        "output_dir": "o",
+        "warmup_steps": 0.1,
+    },
+    "benchmark": {**BENCHMARK_ARGS, "model_name_or_path": "m", "dataset_name": "d.jsonl"},
+    "lora": {
+        "model_name_or_path": "m",
+        "use_peft": True,
+        "lora_r": 32,
+        "lora_alpha": 16,
+        "lora_target_modules": ["q_proj", "k_proj"],
+        "fp16": True,
+        "lr_scheduler_type": "cosine",
+        "num_train_epochs": 2,
+        "save_steps": 7,
+        "loss_type": "ipo",
+        "beta": 0.3,
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARSED_BY_TRL))
+def test_trl_parses_the_same_file_to_the_same_settings(tmp_path, case):
+    """TRL's own parser (`trl dpo --config`: TrlParser over ScriptArguments, DPOConfig, ModelConfig) reads the
+    same YAML, and every setting it resolves equals the translated tether config's: an independent check of
+    the mapping and of TRL's defaults (warmup through transformers' own get_warmup_steps)."""
+    pytest.importorskip("trl")
+    from trl import DPOConfig, ModelConfig, ScriptArguments, TrlParser
+
+    path = _write(tmp_path, PARSED_BY_TRL[case])
+    parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig))
+    script, args, model = parser.parse_args_and_config(["--config", str(path)])
+    c = load_config(path)
+    assert c.output_dir == args.output_dir
+    assert c.model.path == model.model_name_or_path and c.model.dtype == model.dtype
+    assert c.model.gradient_checkpointing == args.gradient_checkpointing
+    assert c.data.max_length == args.max_length and c.data.max_prompt_length is None
+    assert c.data.split == script.dataset_train_split
+    assert c.objective.beta == args.beta
+    losses = {"sigmoid": "dpo", "ipo": "ipo"}
+    assert c.objective.name == losses[args.loss_type[0]]
+    assert (c.objective.length_normalize is True) == (args.loss_type == ["ipo"])
+    assert c.optim.lr == args.learning_rate
+    scheduler = args.lr_scheduler_type.value
+    assert c.optim.scheduler == {"constant_with_warmup": "constant"}.get(scheduler, scheduler)
+    max_steps = args.max_steps if args.max_steps > 0 else 100
+    expected_warmup = 0 if scheduler == "constant" else args.get_warmup_steps(max_steps)
+    if args.max_steps > 0 or args.warmup_steps >= 1:
+        assert c.optim.warmup_steps == expected_warmup
+    assert c.optim.max_steps == (args.max_steps if args.max_steps > 0 else None)
+    assert c.optim.epochs == args.num_train_epochs
+    assert c.optim.batch_size == args.per_device_train_batch_size
+    assert c.optim.grad_accum == args.gradient_accumulation_steps
+    assert c.optim.seed == args.seed
+    assert c.optim.max_grad_norm == args.max_grad_norm
+    assert c.optim.weight_decay == args.weight_decay
+    assert (c.optim.adam_beta1, c.optim.adam_beta2, c.optim.adam_eps) == (
+        args.adam_beta1,
+        args.adam_beta2,
+        args.adam_epsilon,
+    )
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    assert c.optim.mixed_precision == precision
+    assert c.logging.every == args.logging_steps
+    assert c.checkpoint.every == (0 if args.save_strategy.value == "no" else args.save_steps)
+    assert c.reference.mode == ("cache" if args.precompute_ref_log_probs else "auto")
+    assert c.lora.enabled == model.use_peft
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout) == (model.lora_r, model.lora_alpha, model.lora_dropout)
+    if model.lora_target_modules is not None:
+        assert c.lora.target_modules == list(model.lora_target_modules)
