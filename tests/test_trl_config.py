@@ -152,6 +152,7 @@ def test_trl_defaults_apply_where_the_file_is_silent():
         ({"not_a_field": 1}, "not_a_field"),
         ({"num_train_epochs": 1.5}, "num_train_epochs"),
         ({"objective": "hdpo", "loss_type": "ipo"}, "objective"),
+        ({"objective": "hdpo", "loss_type": ["sft"]}, "objective"),
     ],
 )
 def test_refused_fields_are_named(mapping, name):

@@ -595,8 +595,13 @@ def _objective(trl, line, value, out, prov) -> None:
                 f"objective: {section['name']!r} and loss_type {preference[0][0]!r} both choose the loss: keep"
                 " one (loss_type: sigmoid, or leave it out, with the objective line)"
             )
+        if not preference:
+            raise TRLConfigError(
+                f"objective: {section['name']!r} has no preference loss to replace: loss_type {losses} is"
+                " sft alone; write loss_type: [sigmoid, sft] (with loss_weights) to add the SFT term"
+            )
         name = section["name"]
-        loss_weight = preference[0][1] if preference else 0.0
+        loss_weight = preference[0][1]
     elif preference:
         name = TRL_LOSSES[preference[0][0]]
         loss_weight = preference[0][1]
@@ -605,11 +610,9 @@ def _objective(trl, line, value, out, prov) -> None:
         name, loss_weight, section = "dpo", 0.0, {}
     _set(out, "objective.name", name)
     prov["objective.name"] = "tether objective line" if line is not None else loss_source
-    put = [("objective.beta", "beta")]
-    for key, field in put:
-        v, source = value(field)
-        _set(out, key, float(_number(field, v)))
-        prov[key] = source
+    beta, source = value("beta")
+    _set(out, "objective.beta", float(_number("beta", beta)))
+    prov["objective.beta"] = source
     if name == "ipo" and "length_normalize" not in section:
         _set(out, "objective.length_normalize", True)
         prov["objective.length_normalize"] = "TRL's ipo (length-normalised)"
