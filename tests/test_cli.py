@@ -88,3 +88,62 @@ def test_resume_with_changed_objective_exits_2(tmp_path, config_file, capsys):
     # A fresh run into a folder with checkpoints is refused too (it would mix two runs' checkpoints).
     assert main(["train", str(config_file), "optim.max_steps=2"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from tether import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tether {__version__}"
+
+
+def test_train_help_lists_objectives_and_every_config_key(capsys):
+    """`tether train --help` names every objective and every field of TrainConfig with its doc, generated from
+    tether.config's comments (a field added without a comment fails here)."""
+    import dataclasses
+
+    from tether.config import TrainConfig, field_docs
+    from tether.objectives import OBJECTIVES
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    docs = field_docs()
+    keys = {"output_dir"} | {
+        f"{s.name}.{f.name}"
+        for s in dataclasses.fields(TrainConfig)
+        if s.name != "output_dir"
+        for f in dataclasses.fields(getattr(TrainConfig(), s.name))
+    }
+    assert set(docs) == keys
+    for key, doc in docs.items():
+        assert len(doc) > 5, key
+        assert f"  {key} " in out and doc[:40] in out, key
+    assert docs["optim.lr"] == "peak learning rate of AdamW"
+    assert docs["lora.target_modules"] == "modules that get adapters"
+    for name in OBJECTIVES:
+        assert f"  {name} " in out
+
+
+def test_cpu_run_prints_no_deepspeed_accelerator_warning(train_yaml):
+    """With deepspeed installed, accelerate imports it inside unwrap_model on every run, and deepspeed then logs
+    "Setting accelerator to CPU ..." (twice per run here, before the filter); `tether train` shows neither."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("deepspeed") is None or torch.cuda.is_available():
+        pytest.skip("the warning needs deepspeed installed and no GPU")
+    src = Path(__file__).resolve().parents[1] / "src"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "train", str(train_yaml("quiet")), "optim.max_steps=1"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "done: 1 steps" in proc.stdout
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr

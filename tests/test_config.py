@@ -203,3 +203,16 @@ def test_missing_paths_are_refused(tmp_path, tiny_model_dir, pairs_file, train_y
         data, field = tmp_path / "missing.jsonl", "data.train"
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         _train(train_yaml("run", model=model, pairs=data))
+
+
+def test_sft_weight_in_config_reaches_the_objective(yaml_path):
+    """objective.weight / objective.sft_weight build the mixture and enter the resume fingerprint; at their
+    defaults (1, 0) neither appears (fingerprints of earlier runs stay equal)."""
+    config = load_config(yaml_path("objective:\n  name: tdpo1\n  sft_weight: 0.25\n  weight: 0.5\n"))
+    objective = config.build_objective()
+    assert (objective.weight, objective.sft_weight) == (0.5, 0.25)
+    fingerprint = config_fingerprint(config)
+    assert fingerprint["objective.sft_weight"] == 0.25 and fingerprint["objective.weight"] == 0.5
+    assert "objective.sft_weight" not in config_fingerprint(load_config(None))
+    with pytest.raises(ConfigError, match="sft_weight must be"):
+        load_config(None, ["objective.sft_weight=-1"])

@@ -294,11 +294,12 @@ def trl_setup(tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("trl")
 
-    def trainer(loss_type: str, beta: float):
+    def trainer(loss_type: str | list[str], beta: float, loss_weights: list[float] | None = None):
         args = DPOConfig(
             output_dir=str(out),
             beta=beta,
-            loss_type=[loss_type],
+            loss_type=[loss_type] if isinstance(loss_type, str) else loss_type,
+            loss_weights=loss_weights,
             per_device_train_batch_size=4,
             report_to="none",
             use_cpu=True,
@@ -378,3 +379,19 @@ def test_cdpo_matches_trl_sigmoid_on_both_orders(trl_setup):
     expected = (1 - e) * _trl_loss(trainer, batch) + e * _trl_loss(trainer, swapped)
     losses, _ = preference_loss("cdpo", *_our_inputs(batch, policy, reference), beta=0.5, label_smoothing=e)
     assert losses.mean().item() == pytest.approx(expected, **TRL_TOL)
+
+
+def test_dpo_with_sft_matches_trl_sigmoid_sft(trl_setup):
+    """TRL's `loss_type: [sigmoid, sft]` with `loss_weights: [0.8, 0.5]` equals our DPO with weight 0.8 and
+    sft_weight 0.5: TRL's sft is the token mean of the chosen completions' NLL over the batch. The SFT term
+    changes the value here (it is not the plain sigmoid loss)."""
+    make, policy, reference = trl_setup
+    trainer = make(["sigmoid", "sft"], beta=0.5, loss_weights=[0.8, 0.5])
+    batch = _trl_batch(trainer)
+    trl_loss = _trl_loss(trainer, batch)
+    inputs = _our_inputs(batch, policy, reference)
+    losses, metrics = preference_loss("dpo", *inputs, beta=0.5, weight=0.8, sft_weight=0.5)
+    assert losses.mean().item() == pytest.approx(trl_loss, **TRL_TOL)
+    plain, _ = preference_loss("dpo", *inputs, beta=0.5)
+    assert abs(plain.mean().item() - trl_loss) > 1e-2
+    assert metrics["loss/sft"].item() > 0.1

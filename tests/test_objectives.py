@@ -30,6 +30,7 @@ from tether.objectives import (
     Stat,
     build_objective,
     epsilon_steps,
+    sft_term,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add overhead
@@ -684,3 +685,93 @@ def test_missing_statistic_is_named(name, missing):
     """An objective given PairStats without a statistic it needs fails naming that field."""
     with pytest.raises(ValueError, match=missing):
         build_objective(name)(make_stats(**TWO_PAIRS))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loss mixture: weight * objective + sft_weight * SFT term (TRL's loss_type [sigmoid, sft])
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_sft_term_hand_derived():
+    """TWO_PAIRS with chosen lengths 4 and 6: the SFT term is the token mean over the batch's chosen tokens,
+    -(pw_0 + pw_1) / (4 + 6) = -(-10 - 5) / 10 = 1.5, for both pairs (not the mean of per-pair means,
+    (10/4 + 5/6) / 2 = 1.6667). Its gradient wrt pw_i is -1/10 per pair, so d(sum of losses)/d pw_i = -2/10."""
+    stats = make_stats(**TWO_PAIRS, chosen_lengths=[4.0, 6.0], rejected_lengths=[1.0, 1.0])
+    sft = sft_term(stats)
+    assert_close(sft, [1.5, 1.5])
+    (grad,) = torch.autograd.grad(sft.sum(), stats.policy_chosen_logps)
+    assert_close(grad, [-0.2, -0.2])
+
+
+def test_dpo_with_sft_hand_derived():
+    """TWO_PAIRS at beta 0.5 (h = 1, -1), chosen lengths 4 and 6, weight 0.8, sft_weight 0.3:
+    per-pair loss = 0.8 * softplus(-h) + 0.3 * 1.5 = [0.8*0.31326 + 0.45, 0.8*1.31326 + 0.45]
+    = [0.70060935, 1.50060935]; the metric `loss` is their mean 1.10060935, `loss/dpo` the DPO mean
+    (0.31326 + 1.31326)/2 = 0.81326168, `loss/sft` = 1.5. Rewards are DPO's: beta*(pw - rw) = [1, -0.5]."""
+    stats = make_stats(**TWO_PAIRS, chosen_lengths=[4.0, 6.0], rejected_lengths=[1.0, 1.0])
+    out = build_objective("dpo", beta=0.5, weight=0.8, sft_weight=0.3)(stats)
+    expected = [0.8 * SOFTPLUS_M1 + 0.45, 0.8 * SOFTPLUS_P1 + 0.45]
+    assert_close(out.losses, expected)
+    assert_close(out.metrics["loss"], sum(expected) / 2)
+    assert_close(out.metrics["loss/dpo"], (SOFTPLUS_M1 + SOFTPLUS_P1) / 2)
+    assert_close(out.metrics["loss/sft"], 1.5)
+    assert_close(out.chosen_rewards, [1.0, -0.5])
+
+
+@pytest.mark.parametrize("name", sorted(ALL_NAMES))
+def test_sft_composes_with_every_objective(name):
+    """For every objective: loss(weight w, sft s) = w * loss(plain) + s * sft_term, pair by pair, and the
+    plain objective's rewards are unchanged (the SFT term moves the loss only)."""
+    hparams = {"tdpo2": dict(alpha=0.5), "hdpo": dict(alpha=0.9), "cdpo": dict(label_smoothing=0.1)}
+    stats = make_stats(
+        **EPS_PAIRS,
+        chosen_lengths=[3.0, 5.0, 2.0],
+        rejected_lengths=[4.0, 1.0, 6.0],
+        kl_chosen=[0.3, 1.2, 0.0],
+        kl_rejected=[0.8, 0.1, 2.5],
+    )
+    plain = build_objective(name, beta=0.5, **hparams.get(name, {}))(stats)
+    mixed_obj = build_objective(name, beta=0.5, weight=0.7, sft_weight=2.0, **hparams.get(name, {}))
+    mixed = mixed_obj(stats)
+    nll = -sum(EPS_PAIRS["pw"]) / 10.0
+    assert_close(mixed.losses, 0.7 * plain.losses.detach() + 2.0 * nll)
+    assert_close(mixed.chosen_rewards, plain.chosen_rewards)
+    assert mixed_obj.hparams()["sft_weight"] == 2.0 and mixed_obj.hparams()["weight"] == 0.7
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "tdpo1"])
+def test_gradcheck_with_sft(name):
+    """Finite differences agree with autograd for the mixture (the SFT term couples the pairs through the
+    batch's token count: each loss depends on every chosen log-prob)."""
+    obj = build_objective(name, beta=0.5, sft_weight=0.5)
+    base = make_stats(
+        **EPS_PAIRS, chosen_lengths=[3.0, 5.0, 2.0], rejected_lengths=[4.0, 1.0, 6.0], grad=False
+    )
+    base.kl_chosen, base.kl_rejected = t64(0.3, 1.2, 0.0), t64(0.8, 0.1, 2.5)
+    names = ["policy_chosen_logps", "policy_rejected_logps"]
+    inputs = [getattr(base, n).clone().requires_grad_() for n in names]
+
+    def loss(*xs):
+        return obj(PairStats(**{**base.__dict__, **dict(zip(names, xs))})).losses
+
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(weight=-1.0), "weight must be"),
+        (dict(sft_weight=float("nan")), "sft_weight must be"),
+        (dict(weight=0.0), "both 0"),
+    ],
+)
+def test_invalid_mixture_weights_are_rejected(kwargs, match):
+    with pytest.raises(ObjectiveConfigError, match=match):
+        build_objective("dpo", **kwargs)
+
+
+def test_sft_alone_is_the_nll():
+    """weight 0, sft_weight 1 (TRL's loss_type: [sft]): the loss is the SFT term only."""
+    stats = make_stats(**TWO_PAIRS, chosen_lengths=[4.0, 6.0], rejected_lengths=[1.0, 1.0])
+    out = build_objective("dpo", beta=0.5, weight=0.0, sft_weight=1.0)(stats)
+    assert_close(out.losses, [1.5, 1.5])

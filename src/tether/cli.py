@@ -1,7 +1,7 @@
 """Command line: `tether train`, `tether eval`, `tether iterate`, `tether demo`, `tether convert-gguf`,
 `tether model`.
 
-tether train CONFIG.yaml [key=value ...] [--resume]
+tether train CONFIG.yaml [key=value ...] [--resume] [--explain]
 tether eval CONFIG.yaml [key=value ...]
 tether iterate CONFIG.yaml [key=value ...] [--resume]
 tether demo [--quick] [--output DIR] [--seed N]
@@ -17,10 +17,14 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tether.config import load_config
+    from tether.config import explain, resolve_config
+
+    config, sources = resolve_config(args.config, args.overrides)
+    if args.explain:
+        print(explain(config, sources))
+        return 0
     from tether.train import train
 
-    config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
     if result.main_process:
         print(f"[tether] done: {result.steps} steps, final model in {result.final_model}")
@@ -75,16 +79,58 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_epilog() -> str:
+    """The objectives and every config key with its one-line doc, from tether.config's own comments."""
+    from tether.config import field_docs
+    from tether.objectives import OBJECTIVES
+
+    lines = ["objectives (objective.name):"]
+    for name, cls in OBJECTIVES.items():
+        lines.append(f"  {name:<12} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    lines += ["", "config keys (YAML sections or key=value overrides):"]
+    for key, doc in field_docs().items():
+        lines.append(f"  {key:<32} {doc}")
+    lines += [
+        "",
+        "A `trl dpo` config file is read as is (TRL's field names and defaults; add `objective: hdpo` to switch",
+        "objective); see docs/trl.md. Switching objective.name on the command line drops the file's",
+        "hyperparameters of the old objective (beta and the loss weights carry over).",
+    ]
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tether")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH
+        from tether import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"tether {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="preference-train a local Hugging Face causal LM")
-    p.add_argument("config", help="YAML config (see examples/)")
+    p = sub.add_parser(
+        "train",
+        help="preference-train a local Hugging Face causal LM",
+        epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML config: tether's (see examples/) or a `trl dpo` one (docs/trl.md)")
     p.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. objective.name=hdpo objective.alpha=0.9"
     )
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the resolved configuration and where each value came from, then exit",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="sample and score models: pass@k, diversity, entropy, KL, reward")
@@ -127,8 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_deepspeed_cpu_notice() -> None:
+    """accelerate imports deepspeed (when installed) inside `unwrap_model`, on every run, and deepspeed then warns
+    "Setting accelerator to CPU ..." on a machine without a GPU, though no DeepSpeed engine runs. Drop that one
+    message with a filter on deepspeed's logger ("DeepSpeed"; created here if deepspeed is not imported yet,
+    kept when it is): nothing is imported, every other DeepSpeed message stays."""
+    import logging
+
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DeepSpeedCPUNotice) for f in logger.filters):
+        logger.addFilter(_DeepSpeedCPUNotice())
+
+
+class _DeepSpeedCPUNotice:
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_deepspeed_cpu_notice()
     from tether.config import ConfigError
     from tether.data import DataError
     from tether.gguf import GGUFError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from tether import trl_config
 from tether.gguf import GGUFError, check_gguf, is_gguf
 from tether.objectives import ObjectiveConfigError, build_objective
 
@@ -44,8 +46,8 @@ class LoraConfig:
     alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # dropout on the adapter input
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )  # modules
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]  # modules that get adapters
+    )
     merge_on_save: bool = True  # merge adapters into the weights of the final saved model
 
 
@@ -68,14 +70,21 @@ class ObjectiveConfig:
     epsilon: float | None = None  # epsilon-DPO's perturbation size, in (0, 1)
     label_smoothing: float | None = None  # cDPO's label noise, in [0, 0.5)
     length_normalize: bool | None = None  # IPO: divide log-ratios by response length (TRL's ipo)
+    weight: float = 1.0  # weight of this objective's loss in the total (TRL's loss_weights[0])
+    sft_weight: float = 0.0  # weight of the SFT term added: chosen responses' token-mean NLL (TRL's sft)
 
     def hparams(self) -> dict[str, Any]:
-        """Constructor arguments of the objective: beta plus every field that was set."""
+        """Arguments of `build_objective`: beta, every field that was set, and the loss mixture's weights
+        when they are not 1 and 0."""
         out = {"beta": self.beta}
         for name in ("alpha", "entropy_alpha", "epsilon", "label_smoothing", "length_normalize"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.weight != 1.0:
+            out["weight"] = self.weight
+        if self.sft_weight != 0.0:
+            out["sft_weight"] = self.sft_weight
         return out
 
 
@@ -468,8 +477,21 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a TrainConfig from YAML (or defaults when path is None) and apply key=value overrides."""
+    """Load a TrainConfig from YAML (or defaults when path is None) and apply key=value overrides.
+
+    The YAML may be tether's or a `trl dpo` config (docs/trl.md); `resolve_config` also says where each value
+    came from."""
+    return resolve_config(path, overrides)[0]
+
+
+def resolve_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[TrainConfig, dict[str, str]]:
+    """(config, sources): sources maps every field set by the file or the command line ("optim.lr") to where
+    its value came from; fields absent from it hold tether's defaults."""
     data: dict[str, Any] = {}
+    overrides = list(overrides or [])
+    sources: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -480,10 +502,123 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    data = _merge(data, parse_overrides(overrides or []))
+        if trl_config.is_trl_config(data):  # TRL's field names and defaults (tether.trl_config)
+            trl_values, overrides = trl_config.trl_overrides(overrides)
+            try:
+                data, sources = trl_config.from_trl({**data, **trl_values})
+            except trl_config.TRLConfigError as exc:
+                raise ConfigError(f"{path} (a TRL config): {exc}") from exc
+            sources.update({k: "command line (TRL name)" for k in _trl_targets(trl_values, sources)})
+        else:
+            sources = {k: f"{path}" for k in _flat_keys(data)}
+    update = parse_overrides(overrides)
+    data = _switched_objective(data, update)
+    kept = data.get("objective") if isinstance(data.get("objective"), dict) else {}
+    sources = {k: v for k, v in sources.items() if not k.startswith("objective.") or k[10:] in kept}
+    data = _merge(data, update)
+    sources.update({k: "command line" for k in _flat_keys(update)})
     config = _from_dict(TrainConfig, data)
     config.validate(check_paths=False)
-    return config
+    return config, sources
+
+
+def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k in _SECTIONS:
+            keys.extend(f"{prefix}{k}.{sub}" for sub in v)
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _trl_targets(trl_values: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    """The tether keys whose value came from a TRL field given on the command line."""
+    return [key for key, source in sources.items() if any(f"TRL {name}" in source for name in trl_values)]
+
+
+def _switched_objective(data: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`objective.name=X` on the command line replaces the file's objective: the file's hyperparameters belong
+    to the file's objective (H-DPO's alpha is not TDPO2's alpha), so they are dropped, with a note, unless
+    the command line sets them too. beta and the loss weights carry over."""
+    new = (update.get("objective") or {}).get("name")
+    section = data.get("objective")
+    if not isinstance(section, dict) or new is None or new == section.get("name", "dpo"):
+        return data
+    keep = {"name", "beta", "weight", "sft_weight"}
+    dropped = sorted(k for k in section if k not in keep and k not in update["objective"])
+    if dropped:
+        old = section.get("name", "dpo")
+        listed = ", ".join(f"objective.{k}={section[k]!r}" for k in dropped)
+        print(
+            f"[tether] objective.name={new} replaces the file's {old}: dropped {listed} (they are {old}'s;"
+            " set them on the command line to keep them)",
+            file=sys.stderr,
+        )
+    return {**data, "objective": {k: v for k, v in section.items() if k not in dropped}}
+
+
+def explain(config: TrainConfig, sources: dict[str, str]) -> str:
+    """Every config field with its resolved value and where the value came from (`tether train --explain`)."""
+    lines = []
+    flat = _flat_values(config.to_dict())
+    width = max(len(f"{k}: {json.dumps(v)}") for k, v in flat.items())
+    for key, value in flat.items():
+        text = f"{key}: {json.dumps(value)}"
+        lines.append(f"{text:<{width}}  # {sources.get(key, 'tether default')}")
+    return "\n".join(lines)
+
+
+def _flat_values(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_values(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_SECTIONS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.name != "output_dir")
+
+
+def field_docs() -> dict[str, str]:
+    """{"optim.lr": "peak learning rate of AdamW", ...}: every config field with its comment in this module
+    (the comment on the field's line and the comment lines right after it, else the comment block above it),
+    so that `tether train --help` and this file cannot disagree."""
+    import ast
+    import inspect
+
+    def docs_of(cls: type) -> dict[str, str]:
+        lines = inspect.getsource(cls).splitlines()
+        body = ast.parse("\n".join(lines)).body[0].body
+        out = {}
+        for node in body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            trailing = [
+                ln.split("#", 1)[1].strip() for ln in lines[node.lineno - 1 : node.end_lineno] if "#" in ln
+            ]
+            following = node.end_lineno
+            while trailing and following < len(lines) and lines[following].strip().startswith("#"):
+                trailing.append(lines[following].strip()[1:].strip())
+                following += 1
+            leading, j = [], node.lineno - 2
+            while not trailing and j >= 0 and lines[j].strip().startswith("#"):
+                leading.insert(0, lines[j].strip()[1:].strip())
+                j -= 1
+            out[node.target.id] = " ".join(trailing or leading)
+        return out
+
+    result = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _SECTIONS:
+            section = typing.get_type_hints(TrainConfig)[f.name]
+            for name, doc in docs_of(section).items():
+                result[f"{f.name}.{name}"] = doc
+        else:
+            result[f.name] = docs_of(TrainConfig).get(f.name, "")
+    return result
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

@@ -1,6 +1,7 @@
 """Functional API over materialized logits, for users with their own training loop.
 
     losses, metrics = preference_loss("tdpo2", policy_logits, ref_logits, labels, beta=0.1, alpha=0.5)
+    losses, metrics = preference_loss("dpo", policy_logits, ref_logits, labels, beta=0.1, sft_weight=0.5)
 
 Inputs follow the concatenated-batch layout of `tether.batch`: policy_logits and ref_logits are (2B, T, V)
 for rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], labels (2B, T) with -100 at every position
@@ -31,6 +32,8 @@ def preference_loss(
     """Per-pair losses (B,) and batch-mean metrics of objective `name` (see `tether.objectives.OBJECTIVES`).
 
     policy_logits, ref_logits: (2B, T, V); labels: (2B, T). entropy=True adds the `entropy/*` metrics.
+    hparams may include `weight` and `sft_weight`: the loss is weight * objective + sft_weight * TRL's SFT
+    term (`tether.objectives.sft_term`).
     Stateful objectives (epsilon_dpo) use the base beta given in hparams; the per-pair steps are returned
     as the metric `beta/steps` (B,), the only non-scalar entry.
     """

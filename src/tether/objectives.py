@@ -13,6 +13,12 @@ logp by alpha*logp inside the log-ratio; it is accepted as `entropy_alpha` by
   - tdpo1 / tdpo2: u = beta*(a*pw - rw) - beta*(a*pl - rl), and TDPO's delta as usual.
 entropy_alpha = 1 (the default) is the plain method. dpo/ipo/cdpo reject it (use `hdpo` for DPO with alpha;
 IPO's and cDPO's papers define no entropy-controlled form).
+
+Loss mixture: every objective adds TRL's SFT term (`sft_term`, the chosen responses' token-mean NLL) with
+`build_objective(name, weight=w, sft_weight=s)`: loss = w * (objective) + s * sft, rewards and metrics the
+objective's (plus `loss/<name>` and `loss/sft`). That is TRL's `loss_type: [<loss>, sft]` with
+`loss_weights: [w, s]`; one preference objective per run (TRL's lists of two preference losses have no
+tether counterpart).
 """
 
 from __future__ import annotations
@@ -151,8 +157,28 @@ class Objective(ABC):
         """True when the objective needs the reference's full next-token distributions, not just log-probs."""
         return bool(self.needs & REFERENCE_DISTRIBUTION_STATS)
 
+    # The loss mixture (TRL's `loss_type: [sigmoid, sft]` with `loss_weights`): set by `build_objective`.
+    weight: float = 1.0  # weight of the preference loss
+    sft_weight: float = 0.0  # weight of the SFT term (`sft_term`)
+
     @abstractmethod
-    def __call__(self, stats: PairStats) -> ObjectiveOutput: ...
+    def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
+        """The preference loss alone: per-pair losses (B,), rewards and metrics."""
+
+    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+        """weight * pair_loss + sft_weight * sft_term (per pair, (B,)); rewards are the preference loss's."""
+        out = self.pair_loss(stats)
+        if self.weight == 1.0 and self.sft_weight == 0.0:
+            return out
+        losses = self.weight * out.losses
+        if self.sft_weight:
+            sft = sft_term(stats)
+            losses = losses + self.sft_weight * sft
+            out.metrics["loss/sft"] = sft.detach()[0]
+        out.metrics["loss/" + self.name] = out.metrics["loss"]
+        out.losses = losses
+        out.metrics["loss"] = losses.detach().mean()
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -162,12 +188,30 @@ class Objective(ABC):
             raise ValueError(f"objective '{self.name}' has no state, got keys {sorted(state)}")
 
     def hparams(self) -> dict[str, Any]:
-        """Constructor arguments, for logging and for refusing a resume with changed hyperparameters."""
-        return {k: getattr(self, k) for k in inspect.signature(type(self)).parameters}
+        """Constructor arguments (plus the mixture's weights when not 1 and 0), for logging and for refusing a
+        resume with changed hyperparameters."""
+        out = {k: getattr(self, k) for k in inspect.signature(type(self)).parameters}
+        if self.weight != 1.0:
+            out["weight"] = self.weight
+        if self.sft_weight != 0.0:
+            out["sft_weight"] = self.sft_weight
+        return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"{type(self).__name__}({args})"
+
+
+def sft_term(stats: PairStats) -> torch.Tensor:
+    """TRL's `sft` loss: the policy's negative log-likelihood of the chosen responses, averaged over every
+    chosen response token of the batch, -sum_i pw_i / sum_i |y_w,i|, repeated for each pair: (B,).
+
+    A batch mean (not a per-pair mean of per-pair means), as TRL computes it; the loop's mean over pairs then
+    gives it unchanged. Needs only the chosen log-probs and lengths that every PairStats carries.
+    """
+    lengths = _stat(stats, "chosen_lengths", "sft")
+    nll = -stats.policy_chosen_logps.sum() / lengths.sum().clamp(min=1)
+    return nll.expand(stats.policy_chosen_logps.shape)
 
 
 def _logratio_margin(stats: PairStats, alpha: float = 1.0) -> torch.Tensor:
@@ -185,7 +229,7 @@ class DPO(Objective):
     def __init__(self, beta: float = 0.1):
         self.beta = _check_beta(beta)
 
-    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+    def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         h = self.beta * _logratio_margin(stats)
         out = ObjectiveOutput(
             losses=-F.logsigmoid(h),
@@ -210,7 +254,7 @@ class ConservativeDPO(Objective):
         )
         self.label_smoothing = float(label_smoothing)
 
-    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+    def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         h = self.beta * _logratio_margin(stats)
         e = self.label_smoothing
         out = ObjectiveOutput(
@@ -238,7 +282,7 @@ class IPO(Objective):
     def needs(self) -> frozenset[Stat]:  # type: ignore[override]
         return frozenset({Stat.LENGTHS}) if self.length_normalize else frozenset()
 
-    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+    def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         chosen = stats.policy_chosen_logps - stats.ref_chosen_logps
         rejected = stats.policy_rejected_logps - stats.ref_rejected_logps
         if self.length_normalize:
@@ -267,7 +311,7 @@ class HDPO(Objective):
         self.beta = _check_beta(beta)
         self.alpha = _check_alpha(alpha)
 
-    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+    def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         a = self.alpha
         h = self.beta * _logratio_margin(stats, a)
         out = ObjectiveOutput(
@@ -312,7 +356,7 @@ class EpsilonDPO(Objective):
         self.epsilon = float(epsilon)
         self.entropy_alpha = _check_alpha(entropy_alpha, "entropy_alpha")
 
-    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+    def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         for name in ("relaxed_chosen_logps", "relaxed_rejected_logps"):
             _stat(stats, name, self.name)
         s = epsilon_steps(stats)
@@ -378,7 +422,7 @@ class TDPO1(_TDPOBase):
         self.beta = _check_beta(beta)
         self.entropy_alpha = _check_alpha(entropy_alpha, "entropy_alpha")
 
-    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+    def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         u, kl_w, kl_l = self._parts(stats)
         delta = self.beta * kl_l - self.beta * kl_w
         return self._finish(-F.logsigmoid(u - delta), stats, kl_w, kl_l)
@@ -396,7 +440,7 @@ class TDPO2(_TDPOBase):
         self.alpha = _check_alpha(alpha)
         self.entropy_alpha = _check_alpha(entropy_alpha, "entropy_alpha")
 
-    def __call__(self, stats: PairStats) -> ObjectiveOutput:
+    def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         u, kl_w, kl_l = self._parts(stats)
         delta = self.beta * kl_l - (self.beta * kl_w).detach()
         return self._finish(-F.logsigmoid(u - self.alpha * delta), stats, kl_w, kl_l)
@@ -407,8 +451,18 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def build_objective(name: str, **hparams: Any) -> Objective:
-    """Construct a registered objective by its config name, with a clear error for unknown names/arguments."""
+def build_objective(name: str, weight: float = 1.0, sft_weight: float = 0.0, **hparams: Any) -> Objective:
+    """Construct a registered objective by its config name, with a clear error for unknown names/arguments.
+
+    weight, sft_weight: the loss is weight * (the objective's loss) + sft_weight * `sft_term`, TRL's
+    `loss_type: [sigmoid, sft]` with `loss_weights: [weight, sft_weight]`; any objective composes with it.
+    """
+    for label, value in (("weight", weight), ("sft_weight", sft_weight)):
+        _require(
+            isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+            f"{label} must be a finite number >= 0, got {value!r}",
+        )
+    _require(weight > 0 or sft_weight > 0, "weight and sft_weight are both 0: the loss would be 0")
     if name not in OBJECTIVES:
         raise ObjectiveConfigError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
     cls = OBJECTIVES[name]
@@ -427,4 +481,6 @@ def build_objective(name: str, **hparams: Any) -> Objective:
         raise ObjectiveConfigError(
             f"objective {name!r} does not accept {unknown}; it accepts {accepted}.{hint}"
         )
-    return cls(**hparams)
+    objective = cls(**hparams)
+    objective.weight, objective.sft_weight = float(weight), float(sft_weight)
+    return objective
