@@ -2,7 +2,7 @@
 
 tether train CONFIG.yaml [key=value ...] [--resume]
 tether eval CONFIG.yaml [key=value ...]
-tether demo [--quick] [--output DIR]
+tether demo [--quick] [--output DIR] [--model FOLDER]
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tether.demo import run_demo
 
-    report = run_demo(output_dir=args.output, quick=args.quick, progress=not args.no_progress)
+    report = run_demo(
+        output_dir=args.output, quick=args.quick, progress=not args.no_progress, model_path=args.model
+    )
     print(f"[tether] demo report: {report}")
     return 0
 
@@ -57,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on 2 CPU cores)")
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="FOLDER",
+        help="run on this pretrained chat model (a local Hugging Face folder with a chat template, e.g. "
+        "SmolLM2-135M-Instruct) instead of the toy model: no SFT, the verifiable chat task 'count'",
+    )
     p.set_defaults(func=_demo)
     return parser
 
