@@ -43,6 +43,8 @@ def test_count_reference_answer_passes_its_verifier():
         "1. 58\n2. 59\n3. 60\n4. 61\n5. 62\n6. 63\n7. 64",
         "- 58\n- 59\n- 60\n- 61\n- 62\n- 63\n- 64\n\nI hope this helps!",
         "58\n59\n60\n61\n62\n63\n64",
+        "Here are the whole numbers between 58 and 64: 58, 59, 60, 61, 62, 63, 64",
+        "58, 59, 60, 61, 62, 63, 64\n\nSo the list is 58, 59, 60, 61, 62, 63, 64.",  # the same list twice
     ],
 )
 def test_count_verifier_accepts_right_lists_in_any_layout(completion):
@@ -62,7 +64,8 @@ def test_count_verifier_accepts_right_lists_in_any_layout(completion):
         "64, 63, 62, 61, 60, 59, 58",  # wrong order
         "58, 59, 60, 61, 62, 63, 64, and finally 65",  # a number outside [a, b] after the list
         "There are 7 numbers: 58, 59, 60, 61, 62, 63, 64",  # a number outside [a, b] before it
-        "58, 59, 60, 61, 62, 63, 64\n58, 59, 60",  # a second, wrong list
+        "58, 59, 60, 61, 62, 63, 64\n58, 59, 60",  # the list goes on
+        "[58, 59, 60, 61, 62, 63, 64]\n\nGrouped: 58, 60, 62",  # a second, different list
         "58 to 64",  # no list
         "585960616263 64",  # digits run together
     ],

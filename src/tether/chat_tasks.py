@@ -66,18 +66,24 @@ class CountTask:
         return [[int(x) for x in re.findall(r"\d+", m.group())] for m in self._RUN.finditer(text)]
 
     def verify(self, prompt: str, completion: str) -> bool:
-        """True when some run of integers is exactly a, a+1, ..., b and every integer written lies in [a, b].
+        """True when a run of integers is exactly a, a+1, ..., b, no other run has 3 or more numbers, and every
+        integer written lies in [a, b].
 
         Lenient about layout: any prose around the list ("Here they are: ..."), separators of commas,
         semicolons, spaces, newlines or "and", a numbered or bulleted list, braces or a final period.
-        Strict about numbers: a missing, repeated or extra number in the list fails, and so does any other
-        number outside [a, b] ("... 64, and finally 65", "there are 7 of them"); repeating a or b in the
-        prose ("from 58 to 64: 58, 59, ...") does not.
+        Strict about numbers: a missing, repeated or extra number in the list fails, and so does a second,
+        different list ("... 64. Grouped: 58, 60, 62") or any number outside [a, b] ("... 64, and finally
+        65", "there are 7 of them"); naming a and b in the prose ("from 58 to 64: 58, 59, ...", "between 58
+        and 64: ...") does not.
         """
         a, b = self.bounds(prompt)
         runs = self.runs(completion)
         expected = list(range(a, b + 1))
-        return any(run == expected for run in runs) and all(a <= x <= b for run in runs for x in run)
+        return (
+            expected in runs
+            and all(run == expected for run in runs if len(run) >= 3)
+            and all(a <= x <= b for run in runs for x in run)
+        )
 
     def reward(self, prompt: str, completion: str) -> float:
         """1.0 if `verify` passes, else 0.0."""
