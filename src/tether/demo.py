@@ -66,13 +66,13 @@ class PretrainedSizes:
     eval_samples: int  # per prompt, at temperature 1
 
 
-# Sized for well under 30 minutes on 2 idle CPU cores with SmolLM2-135M-Instruct (docs/real_tasks.md has the
-# measured run). Sampling makes ~100 new tokens/s there and a DPO step on 4 pairs of ~110 tokens takes several
-# seconds. The reference solves "count" at pass@1 ~0.1 at T=1, so pairs come from 12 samples per prompt (a
-# prompt gives pairs only when some sample is right): 32 prompts x 12 samples (384 rows of <= 64 new tokens)
-# give a few dozen pairs, trained 20 steps of 4 pairs (a few epochs: near convergence, where H-DPO's alpha
-# acts). Evaluation: 8 new prompts x 8 samples per model at T=1, 6 models.
-PRETRAINED = PretrainedSizes(32, 12, 4, 20, 4, 8, 8)
+# Sized for 30 minutes on 2 idle CPU cores with SmolLM2-135M-Instruct, from CPU time measured on a busy
+# machine (docs/real_tasks.md): sampling 384 rows of 64 new tokens took 11.4 CPU-minutes. The reference
+# solves "count" at pass@1 ~0.1 at T=1, so pairs come from 12 samples per prompt (a prompt gives pairs only
+# when some sample is right): 24 prompts x 12 samples give ~20-25 pairs, trained 20 steps of 4 pairs (a few
+# epochs: near convergence, where H-DPO's alpha acts). Evaluation: 8 new prompts x 8 samples per model at
+# T=1, 6 models.
+PRETRAINED = PretrainedSizes(24, 12, 4, 20, 4, 8, 8)
 PRETRAINED_QUICK = PretrainedSizes(16, 8, 2, 6, 4, 8, 4)
 PRETRAINED_TASK = "count"
 
