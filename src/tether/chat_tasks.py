@@ -4,7 +4,7 @@
   the 6 to 10 consecutive two-digit numbers a..b. A correct answer is 22 to 38 SmolLM2 tokens long ("58, 59,
   60, 61, 62, 63, 64" is 26), long enough for sequence log-prob gaps between chosen and rejected responses
   to be large. `verify` is lenient about layout and strict about numbers (see its docstring).
-  SmolLM2-135M-Instruct (from its 4-bit GGUF file) solves it at pass@1 about 0.1 at temperature 1
+  SmolLM2-135M-Instruct (from its 4-bit GGUF file) solves it at pass@1 about 0.06 at temperature 1
   (docs/real_tasks.md has the measurement): its samples mix right answers with lists that overrun b, skip or
   repeat a number, and with talk.
 - `ReviewTask` ("review"), a scalar reward for TDPO-style controlled generation (in the spirit of TDPO's
