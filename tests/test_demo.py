@@ -95,8 +95,8 @@ def test_demo_writes_models_data_metrics_and_plots(demo):
         assert f"]({png})" in report, png
     summary = json.loads((out / "summary.json").read_text())
     assert summary["quick"] is True and set(summary["timings_s"]) == {"sft", "pairs", "train", "eval"}
-    # The levers summary repeats the evaluation's numbers at the highest temperature and the metrics' first
-    # and last chosen log-probs: it is read from the run's files, not computed separately.
+    # The levers summary repeats the evaluation's numbers at the highest temperature and the mean chosen
+    # log-ratio of the last tenth of the logged steps: it is read from the run's files, not computed apart.
     levers = summary["levers"]
     top = max(float(t) for t in next(iter(evaluation["models"].values()))["temperatures"])
     assert levers["temperature"] == top
@@ -108,8 +108,8 @@ def test_demo_writes_models_data_metrics_and_plots(demo):
         metrics = [
             json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
         ]
-        assert levers["training"][name]["logps/chosen first"] == metrics[0]["logps/chosen"]
-        assert levers["training"][name]["logps/chosen last"] == metrics[-1]["logps/chosen"]
+        tail = [m["logratios/chosen"] for m in metrics[-max(1, len(metrics) // 10) :]]
+        assert levers["training"][name]["logratios/chosen late"] == pytest.approx(sum(tail) / len(tail))
     assert 0 <= levers["training"]["epsilon_dpo"]["beta/relaxed_frac mean"] <= 1
     assert "## What each lever did" in report
 
@@ -124,6 +124,7 @@ def _lever_summary(entropies: dict[str, float], kl: dict[str, float], chosen_lat
         "logratios/chosen late": 0.5,
         "beta/relaxed_frac mean": 0.25,
         "beta/tightened_frac mean": 0.125,
+        "beta/base first": 1.0,
         "beta/base last": 0.75,
     }
     return {"temperature": 1.0, "models": models, "training": training}
@@ -204,3 +205,76 @@ def test_eval_example_on_the_demo_outputs(demo, tmp_path):
         assert 0 <= metrics["pass@k"]["1"] <= metrics["pass@k"]["4"] <= 1
         assert math.isfinite(metrics["entropy"]) and math.isfinite(metrics["kl_forward"])
     assert (tmp_path / "eval" / "pass_at_k.png").read_bytes()[:8] == PNG_MAGIC
+
+
+class _EvenLengthTask:
+    """Stands in for the chat task 'count' on a tiny random model: correct = an even number of characters."""
+
+    name = "count"
+    max_new_tokens = 8
+
+    def make_prompts(self, n, seed):
+        return [f"list {i} to {i + seed}" for i in range(n)]
+
+    def verify(self, prompt, completion):
+        return len(completion.strip()) % 2 == 0
+
+    def reward(self, prompt, completion):
+        return 1.0 if self.verify(prompt, completion) else 0.0
+
+
+def test_demo_on_a_pretrained_folder_uses_it_as_the_reference_without_sft(tmp_path, monkeypatch):
+    """`run_demo(model_path=...)`: the given folder is the reference of every run and of the evaluation, no SFT
+    stage and no reference/ copy, pairs and eval from the chat task 'count', sizes from PRETRAINED_QUICK."""
+    import torch
+
+    from tether import chat_tasks
+    from tether.demo import PRETRAINED_QUICK, run_demo
+    from tether.toy.model import build_tiny_llama
+    from tether.toy.tokenizer import build_tokenizer
+
+    monkeypatch.setitem(chat_tasks.CHAT_TASKS, "count", _EvenLengthTask())
+    model_dir, out = tmp_path / "pretrained", tmp_path / "demo"
+    tokenizer = build_tokenizer()
+    build_tiny_llama(tokenizer, seed=0).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = run_demo(out, quick=True, progress=False, model_path=model_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert not (out / "reference").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["timings_s"]) == {"load", "pairs", "train", "eval"}
+    assert summary["sizes"] == PRETRAINED_QUICK.__dict__ and summary["pairing"]["num_pairs"] > 0
+    rows = [json.loads(line) for line in (out / "data" / "pairs.jsonl").read_text().splitlines()]
+    prompts = set(_EvenLengthTask().make_prompts(PRETRAINED_QUICK.pair_prompts, seed=1))
+    assert {row["prompt"][0]["content"] for row in rows} <= prompts
+    for row in rows:
+        assert (
+            len(row["chosen"][0]["content"].strip()) % 2
+            == 0
+            != len(row["rejected"][0]["content"].strip()) % 2
+        )
+    for name, _ in DEMO_OBJECTIVES:
+        metrics = [
+            json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert metrics[-1]["step"] == PRETRAINED_QUICK.train_steps, name
+        config = (out / "runs" / name / "config.yaml").read_text()
+        assert str(model_dir) in config, name
+    evaluation = json.loads((out / "eval" / "eval.json").read_text())
+    assert evaluation["config"]["reference"] == str(model_dir) and evaluation["config"]["task"] == "count"
+    assert set(evaluation["models"]) == {"reference", *(name for name, _ in DEMO_OBJECTIVES)}
+    text = report.read_text()
+    assert "no SFT" in text and f"]({'training_curves.png'})" in text
+
+
+def test_demo_refuses_a_model_folder_without_a_config(tmp_path):
+    from tether.config import ConfigError
+    from tether.demo import run_demo
+
+    with pytest.raises(ConfigError, match="no config.json"):
+        run_demo(tmp_path / "out", progress=False, model_path=tmp_path)

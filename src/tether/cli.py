@@ -4,7 +4,7 @@
 tether train CONFIG.yaml [key=value ...] [--resume] [--explain]
 tether eval CONFIG.yaml [key=value ...]
 tether iterate CONFIG.yaml [key=value ...] [--resume]
-tether demo [--quick] [--output DIR] [--seed N]
+tether demo [--quick] [--output DIR] [--seed N] [--model FOLDER|smollm2]
 tether convert-gguf FILE.gguf OUT_DIR [--dtype float32]
 tether model smollm2 [--cache-dir DIR]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -54,7 +55,20 @@ def _iterate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tether.demo import run_demo
 
-    report = run_demo(output_dir=args.output, quick=args.quick, progress=not args.no_progress, seed=args.seed)
+    model_path = args.model
+    if model_path is not None and not Path(model_path).exists():
+        from tether.pretrained import MODELS, model_folder
+
+        if model_path in MODELS:  # a name of `tether model`: its cached folder (converted on first use)
+            with contextlib.redirect_stdout(sys.stderr):
+                model_path = str(model_folder(model_path))
+    report = run_demo(
+        output_dir=args.output,
+        quick=args.quick,
+        progress=not args.no_progress,
+        seed=args.seed,
+        model_path=model_path,
+    )
     print(f"[tether] demo report: {report}")
     return 0
 
@@ -151,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--seed", type=int, default=0, help="replicate of the whole pipeline (default: 0)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="FOLDER",
+        help="run on this pretrained chat model (a local Hugging Face folder with a chat template, or"
+        " 'smollm2' for `tether model smollm2`'s folder) instead of the toy model: no SFT, the chat task 'count'",
+    )
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(

@@ -12,6 +12,11 @@
 Nothing is downloaded. On 2 CPU cores the default run takes about 2 minutes (measured 98 s: SFT 15 s, pairs
 2 s, five trainings 41 s, evaluation 34 s) and `quick=True` about 30 s (measured 26 s); both stay far under the
 10- and 2-minute targets on a busy machine. torch runs on one thread for the tiny model.
+
+`run_demo(model_path=FOLDER)` (`tether demo --model FOLDER`) runs the same pipeline on a pretrained chat model
+instead, a local Hugging Face folder with a chat template (SmolLM2-135M-Instruct, converted from its GGUF
+file): no SFT (the model itself is the reference), pairs and evaluation on the verifiable chat task "count"
+of `tether.chat_tasks`, a few dozen optimizer steps per objective (`PRETRAINED` gives the sizes and why).
 """
 
 from __future__ import annotations
@@ -60,25 +65,56 @@ FULL = DemoSizes(4000, 600, 600, 8, 2, 64, 16, (0.25, 0.5, 0.75, 1.0))
 QUICK = DemoSizes(4000, 600, 128, 4, 1, 16, 8, (0.5, 1.0))
 
 
+@dataclass(frozen=True)
+class PretrainedSizes:
+    pair_prompts: int
+    samples_per_prompt: int
+    pairs_per_prompt: int
+    train_steps: int  # optimizer steps per objective
+    batch_size: int  # pairs per step
+    eval_prompts: int
+    eval_samples: int  # per prompt, at temperature 1
+
+
+# Sized for 30 minutes on 2 idle CPU cores with SmolLM2-135M-Instruct, from CPU time measured on a busy
+# machine (docs/real_tasks.md): sampling 384 rows of 64 new tokens took 11.4 CPU-minutes. The reference
+# solves "count" at pass@1 ~0.06 at T=1, so pairs come from 12 samples per prompt (a prompt gives pairs only
+# when some sample is right): 24 prompts x 12 samples give ~20-25 pairs, trained 20 steps of 4 pairs (a few
+# epochs: near convergence, where H-DPO's alpha acts). Evaluation: 8 new prompts x 8 samples per model at
+# T=1, 6 models.
+PRETRAINED = PretrainedSizes(24, 12, 4, 20, 4, 8, 8)
+PRETRAINED_QUICK = PretrainedSizes(16, 8, 2, 6, 4, 8, 4)
+PRETRAINED_TASK = "count"
+
+
 def run_demo(
-    output_dir: str | Path = "runs/demo", quick: bool = False, progress: bool = True, seed: int = 0
+    output_dir: str | Path = "runs/demo",
+    quick: bool = False,
+    progress: bool = True,
+    model_path: str | Path | None = None,
+    seed: int = 0,
 ) -> Path:
     """Run the demo pipeline into output_dir; returns the path of the Markdown report.
 
+    model_path: None for the toy model; else a local Hugging Face folder of a pretrained chat model (with a
+    chat template), which becomes the reference (no SFT).
     seed: one replicate of the whole pipeline (SFT, pair sampling, training order); 0 is the default run,
     whose figures the README shows. The evaluation prompts and sampling seed are the same for every seed.
     """
     import torch
     from transformers.utils import logging as hf_logging
 
-    sizes = QUICK if quick else FULL
-    # A 64-wide model gains nothing from more threads; on a busy machine spinning threads cost a lot.
     threads, hf_bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(1)
+    if model_path is None:
+        # A 64-wide model gains nothing from more threads; on a busy machine spinning threads cost a lot.
+        torch.set_num_threads(1)
     if not progress:
         hf_logging.disable_progress_bar()  # transformers' loading / saving bars
     try:
-        return _run(Path(output_dir), sizes, quick, progress, seed)
+        if model_path is not None:
+            sizes = PRETRAINED_QUICK if quick else PRETRAINED
+            return _run_pretrained(Path(output_dir), Path(model_path), sizes, quick, progress, seed)
+        return _run(Path(output_dir), QUICK if quick else FULL, quick, progress, seed)
     finally:
         torch.set_num_threads(threads)
         if hf_bars:
@@ -88,13 +124,11 @@ def run_demo(
 def _run(out: Path, sizes: DemoSizes, quick: bool, progress: bool, seed: int) -> Path:
     import torch
 
-    from tether.config import load_config
     from tether.toy.model import build_tiny_llama
     from tether.toy.pairs import make_preference_pairs, write_jsonl
     from tether.toy.sft import sft
     from tether.toy.tasks import get_task
     from tether.toy.tokenizer import build_tokenizer
-    from tether.train import train
 
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -133,38 +167,42 @@ def _run(out: Path, sizes: DemoSizes, quick: bool, progress: bool, seed: int) ->
     del model
 
     # 3. One policy per objective, through the normal training path.
-    runs: dict[str, Path] = {}
     t0 = time.perf_counter()
-    for index, (name, overrides) in enumerate(DEMO_OBJECTIVES, 1):
-        _stage(3, f"training {name} ({index}/{len(DEMO_OBJECTIVES)})")
-        config = load_config(
-            None,
-            [
-                f"output_dir={out / 'runs' / name}",
-                f"model.path={ref_dir}",
-                f"data.train={data_path}",
-                "data.max_length=64",
-                "data.max_prompt_length=32",
-                f"objective.beta={BETA}",
-                "optim.lr=1e-4",
-                "optim.batch_size=16",
-                "optim.scheduler=cosine",
-                f"optim.warmup_steps={0 if quick else 2}",
-                f"optim.epochs={sizes.train_epochs}",
-                f"optim.seed={seed}",
-                f"logging.progress={'true' if progress else 'false'}",
-                *overrides,
-            ],
-        )
-        _fresh(Path(config.output_dir))
-        train(config)
-        runs[name] = Path(config.output_dir)
+    runs = _train_policies(
+        out,
+        ref_dir,
+        data_path,
+        [
+            "data.max_length=64",
+            "data.max_prompt_length=32",
+            f"objective.beta={BETA}",
+            "optim.lr=1e-4",
+            "optim.batch_size=16",
+            "optim.scheduler=cosine",
+            f"optim.warmup_steps={0 if quick else 2}",
+            f"optim.epochs={sizes.train_epochs}",
+        ],
+        progress,
+        seed,
+    )
     timings["train"] = time.perf_counter() - t0
 
     # 4. Evaluation, plots, report.
     _stage(4, f"evaluating the reference and {len(runs)} policies")
     t0 = time.perf_counter()
-    evaluation = _evaluate(out, ref_dir, runs, sizes, progress)
+    evaluation = _evaluate(
+        out,
+        ref_dir,
+        runs,
+        progress,
+        task="reverse",
+        prompts=sizes.eval_prompts,
+        samples=sizes.eval_samples,
+        temperatures=sizes.temperatures,
+        max_new_tokens=24,
+        diversity_unit="char",  # answers are single words: word bigrams would all be 0
+        batch_size=64,
+    )
     timings["eval"] = time.perf_counter() - t0
     figures = _plot_training(out, runs)
     summary = {
@@ -178,7 +216,174 @@ def _run(out: Path, sizes: DemoSizes, quick: bool, progress: bool, seed: int) ->
         "levers": levers(evaluation, runs, temperature=max(sizes.temperatures)),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return _write_report(out, summary, runs, evaluation, figures)
+    p = summary["pairing"]
+    intro = [
+        "# tether demo",
+        "",
+        "Task: reverse a random word (`tether.toy.tasks.ReverseTask`), checked by exact match. The reference is",
+        "a tiny Llama fine-tuned on the task; preference pairs are its own samples, labelled by the verifier.",
+        f"Seed {summary['seed']}; every objective at beta {summary['beta']:g}.",
+        "",
+        f"- SFT final loss: {summary['sft_final_loss']:.3f}",
+        f"- pairs: {p['num_pairs']} from {p['num_prompts']} prompts x {p['samples_per_prompt']} samples"
+        f" ({p['skipped_all_tied']} prompts gave no pair: all samples right or all wrong;"
+        f" {p['empty_samples']} empty samples never paired)",
+        "- stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()),
+    ]
+    closing = [
+        "response. Numbers from one seed of a tiny model: a smoke test of the pipeline, not a study (see",
+        "experiments/ for seeds and error bars).",
+    ]
+    return _write_report(out, intro, closing, runs, evaluation, figures, summary["levers"])
+
+
+def _run_pretrained(
+    out: Path, model_dir: Path, sizes: PretrainedSizes, quick: bool, progress: bool, seed: int
+) -> Path:
+    """The demo on a pretrained chat model: the model is the reference; pairs and eval on `count`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tether.chat_tasks import get_chat_task
+    from tether.config import ConfigError
+    from tether.toy.pairs import make_preference_pairs, write_jsonl
+
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"demo --model: {model_dir} is not a Hugging Face model folder (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"demo --model: the tokenizer in {model_dir} has no chat template; the demo needs one"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_chat_task(PRETRAINED_TASK)
+    timings: dict[str, float] = {}
+
+    # 1. The reference is the model as given: no SFT.
+    _stage(1, f"reference: {model_dir} as given (no SFT)")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
+    timings["load"] = time.perf_counter() - t0
+
+    # 2. Preference pairs sampled from the reference, labelled by the verifier.
+    _stage(2, f"preference pairs from {sizes.pair_prompts} prompts x {sizes.samples_per_prompt} samples")
+    t0 = time.perf_counter()
+    rows, pairing = make_preference_pairs(
+        task,
+        model,
+        tokenizer,
+        task.make_prompts(sizes.pair_prompts, seed=PAIR_SEED + 2 * seed),
+        sizes.samples_per_prompt,
+        seed=PAIR_SEED + 2 * seed,
+        pairs_per_prompt=sizes.pairs_per_prompt,
+    )
+    if not rows:
+        raise RuntimeError("demo: the reference's samples gave no preference pair (all right or all wrong)")
+    data_path = out / "data" / "pairs.jsonl"
+    write_jsonl(rows, data_path)
+    timings["pairs"] = time.perf_counter() - t0
+    del model
+
+    # 3. One policy per objective, through the normal training path.
+    t0 = time.perf_counter()
+    runs = _train_policies(
+        out,
+        model_dir,
+        data_path,
+        [
+            "data.max_length=192",  # system + user turn ~50 tokens, responses <= 64 new tokens
+            "data.max_prompt_length=96",
+            "objective.beta=0.2",
+            "optim.lr=1e-5",
+            f"optim.batch_size={sizes.batch_size}",
+            "optim.scheduler=cosine",
+            "optim.warmup_steps=2",
+            f"optim.max_steps={sizes.train_steps}",
+            "optim.epochs=100",  # max_steps decides
+        ],
+        progress,
+        seed,
+    )
+    timings["train"] = time.perf_counter() - t0
+
+    # 4. Evaluation, plots, report.
+    _stage(4, f"evaluating the reference and {len(runs)} policies")
+    t0 = time.perf_counter()
+    evaluation = _evaluate(
+        out,
+        model_dir,
+        runs,
+        progress,
+        task=task.name,
+        prompts=sizes.eval_prompts,
+        samples=sizes.eval_samples,
+        temperatures=(1.0,),
+        max_new_tokens=task.max_new_tokens,
+        diversity_unit="word",
+        batch_size=sizes.eval_prompts * sizes.eval_samples,  # one generate call per model
+    )
+    timings["eval"] = time.perf_counter() - t0
+    figures = _plot_training(out, runs)
+    summary = {
+        "model": str(model_dir),
+        "quick": quick,
+        "sizes": sizes.__dict__,
+        "seed": seed,
+        "pairing": pairing.as_dict(),
+        "timings_s": timings,
+        "torch_threads": torch.get_num_threads(),
+        "levers": levers(evaluation, runs, temperature=1.0),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    p = pairing
+    intro = [
+        "# tether demo on a pretrained model",
+        "",
+        f"Model: `{model_dir}`, the reference as given (no SFT). Task: list the whole numbers from a to b",
+        "(`tether.chat_tasks.CountTask`, 6-10 two-digit numbers), chat template on, checked by its verifier;",
+        "preference pairs are the reference's own samples at T=1, labelled by the verifier (chosen = correct).",
+        "",
+        f"- pairs: {p.num_pairs} from {p.num_prompts} prompts x {p.samples_per_prompt} samples"
+        f" ({p.skipped_all_tied} prompts gave no pair: all samples right or all wrong;"
+        f" {p.empty_samples} empty samples never paired); reference accuracy on them {p.mean_reward:.3f}",
+        f"- training: {sizes.train_steps} steps of {sizes.batch_size} pairs per objective, beta 0.2, lr 1e-5,"
+        " cosine after 2 warmup steps",
+        f"- evaluation: {sizes.eval_prompts} new prompts x {sizes.eval_samples} samples at T=1, top_k off, top_p 1",
+        "- stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+    ]
+    closing = [
+        "response. Numbers from one seed and a few dozen steps: they show the pipeline on a real model, not",
+        "a study; pass@1 from this many samples has a standard error of several points.",
+    ]
+    return _write_report(out, intro, closing, runs, evaluation, figures, summary["levers"])
+
+
+def _train_policies(
+    out: Path, ref_dir: Path, data_path: Path, settings: list[str], progress: bool, seed: int
+) -> dict[str, Path]:
+    """One `tether.train.train` run per DEMO_OBJECTIVES entry from ref_dir on data_path; returns name -> run."""
+    from tether.config import load_config
+    from tether.train import train
+
+    runs: dict[str, Path] = {}
+    for index, (name, overrides) in enumerate(DEMO_OBJECTIVES, 1):
+        _stage(3, f"training {name} ({index}/{len(DEMO_OBJECTIVES)})")
+        config = load_config(
+            None,
+            [
+                f"output_dir={out / 'runs' / name}",
+                f"model.path={ref_dir}",
+                f"data.train={data_path}",
+                *settings,
+                f"optim.seed={seed}",
+                f"logging.progress={'true' if progress else 'false'}",
+                *overrides,
+            ],
+        )
+        _fresh(Path(config.output_dir))
+        train(config)
+        runs[name] = Path(config.output_dir)
+    return runs
 
 
 def levers(evaluation: dict[str, Any], runs: dict[str, Path], temperature: float) -> dict[str, Any]:
@@ -206,6 +411,7 @@ def levers(evaluation: dict[str, Any], runs: dict[str, Path], temperature: float
             for key in ("beta/relaxed_frac", "beta/tightened_frac"):
                 values = [m[key] for m in metrics if m.get(key) is not None]
                 record[f"{key} mean"] = sum(values) / len(values)
+            record["beta/base first"] = metrics[0]["beta/base"]
             record["beta/base last"] = metrics[-1]["beta/base"]
         out["training"][name] = record
     return out
@@ -268,7 +474,7 @@ def _lever_lines(lev: dict[str, Any]) -> list[str]:
         lines.append(
             f"- **epsilon-DPO's per-pair beta**: on average {eps['beta/relaxed_frac mean']:.1%} of pairs per step"
             f" had their beta relaxed and {eps['beta/tightened_frac mean']:.1%} tightened; the base beta went"
-            f" from {BETA:g} to {eps['beta/base last']:.3f}."
+            f" from {eps['beta/base first']:g} to {eps['beta/base last']:.3f}."
         )
     return lines
 
@@ -315,28 +521,39 @@ def _plot_training(out: Path, runs: dict[str, Path]) -> list[Path]:
 
 
 def _evaluate(
-    out: Path, ref_dir: Path, runs: dict[str, Path], sizes: DemoSizes, progress: bool
+    out: Path,
+    ref_dir: Path,
+    runs: dict[str, Path],
+    progress: bool,
+    *,
+    task: str,
+    prompts: int,
+    samples: int,
+    temperatures: tuple[float, ...],
+    max_new_tokens: int,
+    diversity_unit: str,
+    batch_size: int,
 ) -> dict[str, Any]:
     """`tether eval` on the reference and every trained policy (pass@k, diversity, entropy, KL)."""
     from tether.evaluate.config import config_from_dict
     from tether.evaluate.runner import run_eval
 
-    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= sizes.eval_samples]
+    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= samples]
     config = config_from_dict(
         {
             "models": [{"name": name, "path": str(run / "final")} for name, run in runs.items()],
             "reference": str(ref_dir),
-            "task": "reverse",
-            "num_prompts": sizes.eval_prompts,
-            "temperatures": list(sizes.temperatures),
-            "n_samples": sizes.eval_samples,
+            "task": task,
+            "num_prompts": prompts,
+            "temperatures": list(temperatures),
+            "n_samples": samples,
             "k": ks,
-            "max_new_tokens": 24,
+            "max_new_tokens": max_new_tokens,
             "seed": EVAL_SEED,
             "verifier": "task",
-            "diversity_unit": "char",  # answers are single words: word bigrams would all be 0
+            "diversity_unit": diversity_unit,
             "output_dir": str(out / "eval"),
-            "batch_size": 64,
+            "batch_size": batch_size,
             "progress": progress,
         }
     )
@@ -348,21 +565,21 @@ def _fmt(value: Any) -> str:
 
 
 def _write_report(
-    out: Path, summary: dict[str, Any], runs: dict[str, Path], evaluation: dict[str, Any], figures: list[Path]
+    out: Path,
+    intro: list[str],
+    closing: list[str],
+    runs: dict[str, Path],
+    evaluation: dict[str, Any],
+    figures: list[Path],
+    lever_summary: dict[str, Any],
 ) -> Path:
-    """A short Markdown report; every number in it comes from this run's files."""
-    lines = ["# tether demo", ""]
-    p = summary["pairing"]
+    """A short Markdown report; every number in it comes from this run's files.
+
+    intro: the title and the lines that describe the run; closing: the lines that end the sentence
+    "Entropy is ... KL per" (the caveat).
+    """
+    lines = [*intro]
     lines += [
-        "Task: reverse a random word (`tether.toy.tasks.ReverseTask`), checked by exact match. The reference is",
-        "a tiny Llama fine-tuned on the task; preference pairs are its own samples, labelled by the verifier.",
-        f"Seed {summary['seed']}; every objective at beta {summary['beta']:g}.",
-        "",
-        f"- SFT final loss: {summary['sft_final_loss']:.3f}",
-        f"- pairs: {p['num_pairs']} from {p['num_prompts']} prompts x {p['samples_per_prompt']} samples"
-        f" ({p['skipped_all_tied']} prompts gave no pair: all samples right or all wrong;"
-        f" {p['empty_samples']} empty samples never paired)",
-        "- stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()),
         "",
         "## Training (last step)",
         "",
@@ -376,7 +593,7 @@ def _write_report(
             f" {_fmt(last.get('rewards/margins'))} | {_fmt(last.get('entropy/chosen'))} |"
         )
     lines += ["", "![training curves](training_curves.png)", "", "## What each lever did", ""]
-    lines += _lever_lines(summary["levers"])
+    lines += _lever_lines(lever_summary)
     lines += ["", "## Evaluation", ""]
     temps = list(next(iter(evaluation["models"].values()))["temperatures"])
     ks = sorted(
@@ -406,8 +623,7 @@ def _write_report(
     lines += [
         "",
         "Entropy is nats per token on each model's own samples; KL(ref‖pi) is TDPO's sequential forward KL per",
-        "response. Numbers from one seed of a tiny model: a smoke test of the pipeline, not a study (see",
-        "experiments/ for seeds and error bars).",
+        *closing,
         "",
     ]
     report = out / "report.md"

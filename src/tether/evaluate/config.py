@@ -41,7 +41,7 @@ class EvalConfig:
     prompts: str | None = (
         None  # JSONL file, one {"prompt": ...} per line (+ "answer" / "test" / "entry_point")
     )
-    task: str | None = None  # built-in task of tether.toy.tasks, instead of `prompts`
+    task: str | None = None  # built-in task (tether.chat_tasks, tether.toy.tasks), instead of `prompts`
     num_prompts: int = 64  # prompts drawn from `task`; for `prompts`, the first rows kept (0 = all)
     temperatures: list[float] = field(default_factory=lambda: [0.2, 0.6, 1.0])  # 0 = greedy
     top_p: float = 1.0  # nucleus sampling mass, in (0, 1]

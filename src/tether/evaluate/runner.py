@@ -84,7 +84,11 @@ def _prompt_row(path: str, lineno: int, raw: bytes) -> dict[str, Any]:
 
 
 def get_task(name: str | None) -> Any:
-    """tether.toy.tasks.get_task(name), imported only when a task is asked for."""
+    """A built-in task: a chat task of tether.chat_tasks, else tether.toy.tasks.get_task(name)."""
+    from tether.chat_tasks import CHAT_TASKS
+
+    if name in CHAT_TASKS:
+        return CHAT_TASKS[name]
     try:
         from tether.toy.tasks import get_task as _get_task
     except ImportError as exc:
