@@ -768,7 +768,7 @@ class _StepSums:
     """One optimizer step's sums on this process, over its micro-batches."""
 
     metrics: dict[str, torch.Tensor]  # the objective's metrics, each times the micro-batch's pairs
-    pairs: torch.Tensor  # pairs counted (a zero-weight filler counts none), 0-dim
+    pair_count: torch.Tensor  # pairs counted (a zero-weight filler counts none), 0-dim
     tokens: int  # response tokens of the counted pairs
     beta_steps: torch.Tensor  # sum of ObjectiveOutput.beta_steps over the counted pairs, float64 0-dim
     nonfinite: torch.Tensor  # micro-batches with a non-finite loss, 0-dim
@@ -846,7 +846,7 @@ def _accumulate_gradients(run: _Run, pairs: list[int]) -> _StepSums:
     device = accelerator.device
     sums = _StepSums(
         metrics={},
-        pairs=torch.zeros((), device=device),
+        pair_count=torch.zeros((), device=device),
         tokens=0,
         beta_steps=torch.zeros((), dtype=torch.float64, device=device),
         nonfinite=torch.zeros((), device=device),
@@ -880,7 +880,7 @@ def _accumulate_gradients(run: _Run, pairs: list[int]) -> _StepSums:
         # A zero-weight filler still adds (zeros to) every metric: the tensors reduced across processes
         # in `_reduce_metrics` must have the same size on every process, or gloo/NCCL fail or hang.
         counted = float(len(indices)) if weight else 0.0
-        sums.pairs += counted
+        sums.pair_count += counted
         for name, value in out.metrics.items():
             value = value.detach().float()
             sums.metrics[name] = sums.metrics.get(name, 0.0) + (
@@ -896,7 +896,7 @@ def _accumulate_gradients(run: _Run, pairs: list[int]) -> _StepSums:
 def _reduce_metrics(accelerator, sums: _StepSums) -> tuple[dict[str, float], int, int]:
     """(pair-weighted means of the objective's metrics over micro-batches and processes, pairs, tokens)."""
     names = sorted(sums.metrics)
-    local = sums.pairs
+    local = sums.pair_count
     packed = torch.stack([sums.metrics[name] for name in names] + [local.float()]) if names else local[None]
     packed = accelerator.reduce(packed, reduction="sum")
     count = float(packed[-1])
