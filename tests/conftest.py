@@ -65,7 +65,7 @@ def pairs_file(tmp_path_factory) -> Path:
     return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", 24)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_model():
     """save_tiny_model(folder, seed=0, **config overrides) -> folder."""
     return save_tiny_model

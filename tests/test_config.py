@@ -216,3 +216,23 @@ def test_sft_weight_in_config_reaches_the_objective(yaml_path):
     assert "objective.sft_weight" not in config_fingerprint(load_config(None))
     with pytest.raises(ConfigError, match="sft_weight must be"):
         load_config(None, ["objective.sft_weight=-1"])
+
+
+def test_train_and_eval_configs_share_one_mechanism(tmp_path):
+    """One ConfigError class (`tether.evaluate.config.ConfigError` is `tether.config.ConfigError`), and both
+    loaders read the file and overrides through `tether.config.read_config_dict`: an override that is not YAML
+    (`[1` opens a list it never closes) is a ConfigError naming the field in either (before, the training
+    loader let yaml's ParserError escape), and an eval model without a path names `models[0].path`."""
+    from tether.evaluate import config as eval_config
+
+    assert eval_config.ConfigError is ConfigError
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        load_config(None, ["optim.lr=[1"])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ab"}\n')
+    overrides = ["models=[{name: m, path: x}]", f"prompts={prompts}"]
+    assert eval_config.load_config(None, overrides).models == [eval_config.ModelSpec("m", "x")]
+    with pytest.raises(ConfigError, match="top_p"):
+        eval_config.load_config(None, [*overrides, "top_p=[1"])
+    with pytest.raises(ConfigError, match=r"models\[0\]\.path"):
+        eval_config.load_config(None, ["models=[{name: m}]", f"prompts={prompts}"])

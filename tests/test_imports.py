@@ -45,3 +45,43 @@ def test_module_imports(name):
         importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - report any failure with the module's name
         pytest.fail(f"importing {name} failed: {type(exc).__name__}: {exc}")
+
+
+def _module_level_imports(name: str) -> set[str]:
+    """The tether modules `name` imports at module level, `if TYPE_CHECKING:` blocks included (imports inside
+    functions are deferred and left out)."""
+    import ast
+
+    path = PACKAGE_DIR.parent.joinpath(*name.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        body = node.body if isinstance(node, ast.If) else [node]  # `if TYPE_CHECKING:` imports count
+        for stmt in body:
+            if isinstance(stmt, ast.ImportFrom) and stmt.module and stmt.module.startswith("tether"):
+                found.add(stmt.module)
+            elif isinstance(stmt, ast.Import):
+                found.update(a.name for a in stmt.names if a.name.startswith("tether"))
+    return {m for m in found if m in MODULES and m != name}
+
+
+def test_module_level_imports_have_no_cycle():
+    """The package is layered: no module imports, at module level, one that imports it back (directly or
+    through others). A cycle (e.g. modeling <-> reference, now both above tether.causal_lm) works only by
+    accident of import order."""
+    graph = {name: _module_level_imports(name) for name in MODULES}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(graph[name]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep) :] + [dep]
+                raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[name] = 2
+
+    for name in MODULES:
+        if name not in state:
+            visit(name, [name])

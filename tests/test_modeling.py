@@ -1,4 +1,4 @@
-"""Tests for `tether.modeling`'s head checks: `head_transform` reads each known family's logit transform, the
+"""Tests for the head checks of `tether.modeling` and `tether.causal_lm`: `head_transform` reads each known family's logit transform, the
 load-time probe (`check_head_matches_logits`) accepts exactly the models whose logits tether's chunked head
 reproduces, and the statistics of a transformed model through `compute_pair_stats` are the model's own.
 
@@ -14,15 +14,15 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import tether.modeling as modeling
+import tether.causal_lm as causal_lm
 from tether.batch import PreferenceBatch
+from tether.causal_lm import head_transform
 from tether.data.dataset import PreferenceCollator, TokenizedPair
 from tether.heads import IDENTITY, HeadTransform, StatRequest, response_positions, token_stats_from_logits
 from tether.modeling import (
     UnsupportedModelError,
     check_head_matches_logits,
     compute_pair_stats,
-    head_transform,
     load_causal_lm,
 )
 from tether.reference import CachedReference, ModelReference, build_reference_cache
@@ -94,7 +94,7 @@ def test_known_family_transform_is_what_its_forward_does(family, monkeypatch):
     assert head_transform(model) == expected
     check_head_matches_logits(model)
     if not expected.is_identity:
-        monkeypatch.setattr(modeling, "head_transform", lambda m: IDENTITY)
+        monkeypatch.setattr(causal_lm, "head_transform", lambda m: IDENTITY)
         with pytest.raises(UnsupportedModelError, match=model_name):
             check_head_matches_logits(model)
 
@@ -152,7 +152,7 @@ def test_transformed_model_statistics_are_the_models_own(family, tmp_path):
     ):
         torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=1e-4, msg=field)
     with pytest.MonkeyPatch.context() as mp:  # what tether computed before it read the transform
-        mp.setattr(modeling, "head_transform", lambda m: IDENTITY)
+        mp.setattr(causal_lm, "head_transform", lambda m: IDENTITY)
         before = compute_pair_stats(policy, reference, batch, indices, request, chunk_size=5)
     assert (before.policy_chosen_logps - want.policy_chosen_logps).abs().max() > 0.1
 
@@ -232,7 +232,7 @@ def test_probe_names_a_scale_it_does_not_know(monkeypatch):
     """A Granite whose logits_scaling tether did not read is refused with the fitted constant (1/8) and the
     config field that sets it."""
     model = build("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=8.0))
-    monkeypatch.setattr(modeling, "head_transform", lambda m: IDENTITY)
+    monkeypatch.setattr(causal_lm, "head_transform", lambda m: IDENTITY)
     with pytest.raises(UnsupportedModelError, match=r"times a constant 0\.125.*logits_scaling=8\.0"):
         check_head_matches_logits(model)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tether.heads import StatRequest
 from tether.objectives import (
     DPO,
     HDPO,
@@ -775,3 +776,28 @@ def test_sft_alone_is_the_nll():
     stats = make_stats(**TWO_PAIRS, chosen_lengths=[4.0, 6.0], rejected_lengths=[1.0, 1.0])
     out = build_objective("dpo", beta=0.5, weight=0.0, sft_weight=1.0)(stats)
     assert_close(out.losses, [1.5, 1.5])
+
+
+def test_after_step_hook_updates_only_epsilon_dpo():
+    """The loop calls `after_step` once per optimizer step on every objective. Default: no state change, no
+    metrics, and the mean step is never asked for (its all-reduce is skipped). epsilon-DPO (beta=0.5, e=0.25):
+    an applied step with mean step 0.4 sets beta = 0.5/1.1 and reports it as beta/base_next; a skipped step
+    (None) leaves beta and still reports it."""
+
+    def never() -> float:
+        raise AssertionError("a stateless objective asked for the mean step")
+
+    for name in ("dpo", "ipo", "tdpo2"):
+        assert build_objective(name).after_step(never) == {}
+    obj = EpsilonDPO(beta=0.5, epsilon=0.25)
+    assert obj.after_step(None) == {"beta/base_next": 0.5}
+    assert obj.after_step(lambda: 0.4) == {"beta/base_next": 0.5 / 1.1}
+    assert obj.beta == 0.5 / 1.1
+
+
+def test_objectives_declare_their_stat_request():
+    """Each objective asks for what it reads: TDPO the token KL, epsilon-DPO its perturbed log-probs at its own
+    epsilon, DPO nothing beyond the log-probs."""
+    assert build_objective("dpo").stat_request() == StatRequest()
+    assert build_objective("tdpo1").stat_request() == StatRequest(kl=True)
+    assert EpsilonDPO(beta=0.5, epsilon=0.25).stat_request() == StatRequest(epsilon=0.25)

@@ -1,9 +1,13 @@
-"""Training configuration: our own dataclasses, loaded from YAML with `key=value` overrides.
+"""Configuration: our own dataclasses, loaded from YAML with `key=value` overrides.
 
     tether train run.yaml objective.name=hdpo objective.alpha=0.9
 
-Every field is documented in one line. Unknown keys, wrong types and invalid values raise `ConfigError`
-naming the field, before any model is loaded (`TrainConfig.validate` also checks the paths exist).
+The mechanism is shared by the training config (`TrainConfig`, here) and the eval config
+(`tether.evaluate.config.EvalConfig`): `read_config_dict` reads the YAML file and merges the overrides
+(the one place a raw config dict is read), `from_dict` builds a dataclass from it, checking every value
+against the field's annotation, and one `ConfigError` names the field. Every field is documented in one
+line. Unknown keys, wrong types and invalid values fail before any model is loaded (`TrainConfig.validate`
+also checks the paths exist).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -402,18 +407,32 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
                 return _convert(value, arg, name)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(
+            f"{name}: {value!r} fits none of {tp}" if errors else f"{name}: invalid value {value!r}"
+        )
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{name} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
     if origin is list:
         (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return [_convert(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is Callable:  # a function given in Python (configs built in code)
+        if not callable(value):
+            raise ConfigError(f"{name} must be callable, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # (configs built in code)
+            return value
         if value is None:  # a YAML section whose fields are all commented out
             value = {}
-        if not isinstance(value, dict):
+        if not isinstance(value, Mapping):
             raise ConfigError(f"{name} must be a mapping of fields, got {value!r}")
-        return _from_dict(tp, value, name)
+        return from_dict(tp, value, name)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -438,7 +457,10 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported field type {tp!r}")
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """The dataclass `cls` from a mapping of its fields (nested sections are mappings too): every value is
+    checked against the field's annotation; an unknown key, a missing required field or a value of the wrong
+    type raises ConfigError naming the field (`prefix.key`, `prefix[i]` in lists)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
@@ -447,18 +469,31 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(
             f"unknown config key(s) {[where + k for k in unknown]}; {prefix or 'top level'} has {names}"
         )
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for key in required:
+        if key not in data:
+            raise ConfigError(f"{prefix}.{key} is missing" if prefix else f"{key} is missing")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars/lists."""
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. objective.beta=0.1)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        if not key.strip():
+            raise ConfigError(f"override {item!r} names no field (key=value)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key.strip()}: cannot parse {raw!r} as YAML: {exc}") from exc
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -476,6 +511,36 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping of sections. The one place a config file is read, for every config of tether."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def read_config_dict(
+    path: str | Path | None = None, overrides: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The raw config: the YAML file's mapping (empty when path is None) with the key=value overrides merged
+    in (`tether eval`'s and `tether iterate`'s configs; training adds TRL files and sources: resolve_config)."""
+    data = read_yaml(path) if path is not None else {}
+    return _merge(data, parse_overrides(list(overrides or [])))
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """A TrainConfig from a plain mapping of its sections, checked (`TrainConfig.validate`, paths aside)."""
+    config = from_dict(TrainConfig, data)
+    config.validate(check_paths=False)
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a TrainConfig from YAML (or defaults when path is None) and apply key=value overrides.
 
@@ -485,7 +550,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def resolve_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
+    path: str | Path | None = None, overrides: Sequence[str] | None = None
 ) -> tuple[TrainConfig, dict[str, str]]:
     """(config, sources): sources maps every field set by the file or the command line ("optim.lr") to where
     its value came from; fields absent from it hold tether's defaults."""
@@ -493,15 +558,7 @@ def resolve_config(
     overrides = list(overrides or [])
     sources: dict[str, str] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = read_yaml(path)
         if trl_config.is_trl_config(data):  # TRL's field names and defaults (tether.trl_config)
             trl_values, overrides = trl_config.trl_overrides(overrides)
             try:
@@ -517,9 +574,7 @@ def resolve_config(
     sources = {k: v for k, v in sources.items() if not k.startswith("objective.") or k[10:] in kept}
     data = _merge(data, update)
     sources.update({k: "command line" for k in _flat_keys(update)})
-    config = _from_dict(TrainConfig, data)
-    config.validate(check_paths=False)
-    return config, sources
+    return config_from_dict(data), sources
 
 
 def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:

@@ -46,7 +46,7 @@ class HeadTransform:
     """What a model applies to z = W h + b to get its logits: l = softcap * tanh(scale * z / softcap).
 
     scale: a constant multiplier (> 0); 1 for a plain head. softcap: the cap c (> 0) of Gemma-style final-logit
-    soft-capping, applied after the scale, or None for none. `tether.modeling.head_transform` reads it from a
+    soft-capping, applied after the scale, or None for none. `tether.causal_lm.head_transform` reads it from a
     model's config.
     """
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from tether.config import ConfigError, TrainConfig, _from_dict, _merge, parse_overrides
+from tether.config import ConfigError, TrainConfig, _merge, from_dict, read_config_dict
 from tether.files import atomic_write
 
 RECORD = "record.json"  # written last in a round folder: the round is complete
@@ -138,25 +138,16 @@ def _has_key(tree: dict[str, Any], dotted: str) -> bool:
 
 def load_iterate_config(path: str | Path, overrides: list[str] | None = None) -> IterateConfig:
     """An IterateConfig from YAML with key=value overrides (`train.objective.name=hdpo`), validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+    return configfrom_dict(read_config_dict(path, overrides))
 
 
-def config_from_dict(data: dict[str, Any]) -> IterateConfig:
+def configfrom_dict(data: dict[str, Any]) -> IterateConfig:
     """Unknown keys are refused by name; the `train` section is checked as a `tether train` config."""
     data = dict(data)
     train = data.pop("train", None) or {}
     if not isinstance(train, dict):
         raise ConfigError(f"train must be a mapping of `tether train` sections, got {train!r}")
-    config = _from_dict(IterateConfig, data)
+    config = from_dict(IterateConfig, data)
     config.train = train
     return config.validate()
 
@@ -350,12 +341,11 @@ def round_train_config(config: IterateConfig, r: int, policy: Path) -> TrainConf
         "reference": {"path": str(config.model) if config.reference == "initial" else None},
     }
     train["logging"] = {"progress": config.progress, **(train.get("logging") or {})}
-    return _from_dict(TrainConfig, _merge(train, owned))
+    return from_dict(TrainConfig, _merge(train, owned))
 
 
 def eval_config(config: IterateConfig, folder: Path, policy: Path, reference: Path, name: str = "eval"):
     """run_eval's config: `policy` against `reference` on the held-out prompts, into folder/name."""
-    from tether.evaluate.config import ConfigError as EvalConfigError
     from tether.evaluate.config import config_from_dict as eval_from_dict
 
     e = config.eval
@@ -383,7 +373,7 @@ def eval_config(config: IterateConfig, folder: Path, policy: Path, reference: Pa
                 "progress": config.progress,
             }
         ).validate()
-    except EvalConfigError as exc:
+    except ConfigError as exc:  # name the section: the eval fields are iterate's `eval.*`
         raise ConfigError(f"eval: {exc}") from None
 
 

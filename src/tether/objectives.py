@@ -26,12 +26,15 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from tether.heads import StatRequest
 
 
 class Stat(StrEnum):
@@ -179,6 +182,19 @@ class Objective(ABC):
         out.losses = losses
         out.metrics["loss"] = losses.detach().mean()
         return out
+
+    def stat_request(self) -> StatRequest:
+        """The token statistics this objective reads (from `needs`)."""
+        return StatRequest(kl=Stat.TOKEN_KL in self.needs, entropy=Stat.ENTROPY in self.needs)
+
+    def after_step(self, mean_beta_step: Callable[[], float] | None) -> dict[str, float]:
+        """Called once per optimizer step on every process, after the step; returns metrics for its record.
+
+        mean_beta_step: None if the step was skipped (non-finite); else a function giving the mean of
+        `ObjectiveOutput.beta_steps` over the step's pairs on all processes (an all-reduce, run only if called,
+        and then on every process). State changed here is what `state_dict` checkpoints. No-op by default.
+        """
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -343,8 +359,9 @@ class EpsilonDPO(Objective):
     loss = -log sigma(beta_i * [(a*pw - rw) - (a*pl - rl)]), s_i from `epsilon_steps` (a = entropy_alpha,
     H-DPO's coefficient; 1 is plain epsilon-DPO).
 
-    The base beta is state: after each optimizer step, `update_base_beta(m)` sets beta <- beta / (1 + e*m),
-    m = mean of s over that step's pairs on every process. The step's own loss used the old beta.
+    The base beta is state: after each optimizer step, `after_step` calls `update_base_beta(m)`, which sets
+    beta <- beta / (1 + e*m), m = mean of s over that step's pairs on every process. The step's own loss used
+    the old beta.
     """
 
     name = "epsilon_dpo"
@@ -380,6 +397,16 @@ class EpsilonDPO(Objective):
         _require(-1.0 <= mean_step <= 1.0, f"mean step must be in [-1, 1], got {mean_step!r}")
         self.beta = self.beta / (1 + self.epsilon * mean_step)
         return self.beta
+
+    def stat_request(self) -> StatRequest:
+        return replace(
+            super().stat_request(), epsilon=self.epsilon
+        )  # the perturbed log-probs (Stat.PERTURBED)
+
+    def after_step(self, mean_beta_step: Callable[[], float] | None) -> dict[str, float]:
+        if mean_beta_step is not None:  # a skipped step leaves beta as it was
+            self.update_base_beta(mean_beta_step())
+        return {"beta/base_next": self.beta}
 
     def state_dict(self) -> dict[str, Any]:
         return {"beta": self.beta}

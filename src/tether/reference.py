@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tether.batch import PreferenceBatch
+from tether.causal_lm import final_hidden_states, output_head
 from tether.heads import IDENTITY, HeadTransform, response_positions, sequence_sums, token_stats
-from tether.modeling import final_hidden_states, output_head
 
 
 class Reference(ABC):
@@ -67,7 +67,7 @@ class AdapterReference(Reference):
 
     def __init__(self, peft_model: nn.Module, split_rows: bool = True):
         self.model = peft_model
-        self.split_rows = split_rows  # as the policy's forward (`tether.modeling.final_hidden_states`)
+        self.split_rows = split_rows  # as the policy's forward (`tether.causal_lm.final_hidden_states`)
 
     @torch.no_grad()
     def hidden(self, batch, indices, mask):

@@ -5,17 +5,18 @@ The concatenated batch has 2B sequences: rows 0..B-1 chosen, B..2B-1 rejected (s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from tether.heads import StatRequest, TokenStats, sequence_sums
-from tether.objectives import Objective, PairStats, Stat
+from tether.objectives import Objective, PairStats
 
 
 def stat_request(objective: Objective, entropy: bool = False) -> StatRequest:
-    """The token statistics `objective` needs (plus the entropy metric if asked)."""
-    needs = objective.needs
-    epsilon = getattr(objective, "epsilon", None) if Stat.PERTURBED in needs else None
-    return StatRequest(kl=Stat.TOKEN_KL in needs, epsilon=epsilon, entropy=entropy or Stat.ENTROPY in needs)
+    """The token statistics `objective` asks for (`Objective.stat_request`), plus the entropy metric if asked."""
+    request = objective.stat_request()
+    return replace(request, entropy=True) if entropy else request
 
 
 def pair_stats(

@@ -1,4 +1,10 @@
-"""The training loop: one readable function on `accelerate`.
+"""The training loop on `accelerate`: `_train` runs named stages and a step loop of a few lines.
+
+Setup: `_setup_accelerator`, `_resume_point` (checks before anything heavy is loaded), the data,
+`_check_resume_length`, `_setup_policy` (policy and reference), `_setup_optimizer`, `_restore`. Each step:
+`_train_step` (`_accumulate_gradients` over the micro-batches, the non-finite check, the update, the
+objective's `after_step` hook, `_reduce_metrics`) returns the step's record; `_log` writes it and
+`_write_checkpoint` saves every checkpoint.every steps; `_write_final` saves the final model.
 
 Assumptions, stated once:
 - The data order is a pure function of (seed, epoch): every optimizer step s takes the pairs
@@ -47,13 +53,14 @@ import torch
 
 from tether.config import ConfigError, TrainConfig, config_fingerprint, resume_changes, save_config
 from tether.files import atomic_write
+from tether.heads import StatRequest
 from tether.modeling import (
     PolicyStatistics,
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
 )
-from tether.objectives import EpsilonDPO, PairStats
+from tether.objectives import Objective, PairStats
 from tether.reference import (
     AdapterReference,
     CachedReference,
@@ -106,9 +113,9 @@ def step_pairs(
 ) -> tuple[int, list[int]]:
     """(epoch, dataset indices) of optimizer step `step` (0-based)."""
     steps_per_epoch = math.ceil(num_pairs / global_batch)
-    epoch, k = divmod(step, steps_per_epoch)
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
     perm = epoch_permutation(num_pairs, seed, epoch, shuffle)
-    return epoch, perm[k * global_batch : (k + 1) * global_batch]
+    return epoch, perm[step_in_epoch * global_batch : (step_in_epoch + 1) * global_batch]
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
@@ -271,8 +278,8 @@ def data_digest(source: str, split: str) -> str:
 
 
 _TRAJECTORY_FIELDS = {
-    f"optim.{k}"
-    for k in ("lr", "scheduler", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")
+    f"optim.{name}"
+    for name in ("lr", "scheduler", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")
 } | {"optim.max_grad_norm", "optim.mixed_precision"}
 
 
@@ -437,86 +444,19 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 
 
 def _train(config: TrainConfig, resume: bool) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
 
     from tether.data import PreferenceCollator, load_preference_data
 
+    # --- setup: checks first, then data, policy and reference, optimizer, resumed state
     config.validate(check_paths=True)
     objective = config.build_objective()
     out_dir = Path(config.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-
-    accelerator = Accelerator(
-        mixed_precision=config.optim.mixed_precision,
-        log_with=config.logging.trackers or None,
-        project_dir=str(out_dir),
-        # Without cpu=True, accelerate ignores a torchrun launch on a machine with no GPU: every process
-        # would train alone on the whole data.
-        cpu=not _has_accelerator(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.distributed.timeout_s))],
-    )
-    engine = _engine(accelerator)
-    sharded = engine in ("fsdp", "zero3")  # parameters sharded across processes
-    if engine in ("deepspeed", "zero3"):
-        _configure_deepspeed(accelerator.state.deepspeed_plugin, config, zero3=engine == "zero3")
-    world = accelerator.num_processes
-    if int(os.environ.get("WORLD_SIZE", world)) != world:  # (mpirun sets no WORLD_SIZE: nothing to compare)
-        raise RuntimeError(
-            f"launched as {os.environ['WORLD_SIZE']} processes (WORLD_SIZE) but accelerate runs {world}:"
-            " check the launcher"
-        )
-    if config.optim.deterministic:
-        torch.use_deterministic_algorithms(True)
-    set_seed(config.optim.seed)
-
-    # Resume checks come before anything heavy is loaded.
+    accelerator, engine = _setup_accelerator(config)
     main = accelerator.is_main_process
-    start_step, resume_from, resume_state, changed = 0, None, None, []
     data_hash = data_digest(config.data.train, config.data.split)
-    fingerprint = config_fingerprint(config, processes=world, data_digest=data_hash)
-    found = complete_checkpoints(ckpt_dir)
-    final = out_dir / "final"
-    finished = _finished_record(final)  # how far the run's final model got, if it has one
-    if not resume:
-        if found:
-            raise ConfigError(
-                f"output_dir {out_dir} already holds checkpoints; pass --resume to continue that run or choose"
-                " another output_dir"
-            )
-        if final.exists():
-            raise ConfigError(
-                f"output_dir {out_dir} already holds a final model (final/); pass --resume to continue that run"
-                " (a finished run is left as it is) or choose another output_dir"
-            )
-    else:
-        if found:
-            resume_from = found[-1]
-            resume_state = json.loads((resume_from / "state.json").read_text())
-            start_step = int(resume_state["step"])
-        # Compared with the newest record of the run: the final model's, or else the last checkpoint's.
-        newest = finished if finished is not None and finished["step"] >= start_step else resume_state
-        if newest is not None:
-            refused, accepted = resume_changes(newest["fingerprint"], fingerprint)
-            changed = refused + accepted
-            if refused and not config.checkpoint.allow_changed_config:
-                trajectory = [k for k in refused if k in _TRAJECTORY_FIELDS]
-                raise ConfigError(
-                    f"refusing to resume from {resume_from if newest is resume_state else final}: changed since"
-                    f" it was written: {_changes(refused, newest['fingerprint'], fingerprint)}; restore them, or"
-                    " set checkpoint.allow_changed_config=true to resume anyway"
-                    + (
-                        f" ({', '.join(trajectory)} would change every step from here on: the result would"
-                        " match no uninterrupted run)"
-                        if trajectory
-                        else ""
-                    )
-                )
-            if changed and main:
-                print(
-                    f"[tether] --resume with changes: {_changes(changed, newest['fingerprint'], fingerprint)}"
-                )
+    fingerprint = config_fingerprint(config, processes=accelerator.num_processes, data_digest=data_hash)
+    start = _resume_point(config, resume, fingerprint, main)  # before anything heavy is loaded
 
     tokenizer = load_tokenizer(config.model)
     dataset, report = load_preference_data(
@@ -528,38 +468,11 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         split=config.data.split,
         progress=config.logging.progress and main,
     )
-    global_batch = config.optim.batch_size * config.optim.grad_accum * world
-    steps_per_epoch = math.ceil(len(dataset) / global_batch)
-    total_steps = config.optim.max_steps or steps_per_epoch * config.optim.epochs
-    if resume and finished is not None:
-        if finished["step"] == total_steps:
-            if main:
-                print(
-                    f"[tether] the run in {out_dir} is complete: final/ holds step {total_steps} of"
-                    f" {total_steps}; nothing to do (raise optim.max_steps or optim.epochs to train on)"
-                )
-            return TrainResult(out_dir, total_steps, final, [], int(finished.get("skipped_steps", 0)), main)
-        if finished["step"] > total_steps:
-            raise ConfigError(
-                f"output_dir {out_dir} holds a final model of step {finished['step']}, beyond the {total_steps}"
-                " steps now configured (optim.max_steps / optim.epochs); a run cannot be shortened by resuming:"
-                " choose another output_dir"
-            )
-    if resume and not found and main:
-        print(f"[tether] --resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
-    if start_step > total_steps:
-        raise ConfigError(
-            f"cannot resume from {resume_from}: its step {start_step} is beyond the {total_steps} steps now"
-            " configured (optim.max_steps / optim.epochs)"
-        )
-    if (
-        main
-        and resume
-        and config.optim.scheduler != "constant"
-        and any(k in ("optim.max_steps", "optim.epochs") for k in changed)
-    ):
-        print(f"[tether] the {config.optim.scheduler} learning-rate schedule now spans {total_steps} steps")
-
+    global_batch = config.optim.batch_size * config.optim.grad_accum * accelerator.num_processes
+    total_steps = config.optim.max_steps or math.ceil(len(dataset) / global_batch) * config.optim.epochs
+    if _check_resume_length(config, resume, start, total_steps, main):  # final/ already holds the last step
+        skipped = int(start.finished.get("skipped_steps", 0))
+        return TrainResult(out_dir, total_steps, out_dir / "final", [], skipped, main)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
@@ -569,6 +482,232 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         raise ValueError(f"no usable preference pairs in {config.data.train} (see the data report above)")
     collate = PreferenceCollator(tokenizer.pad_token_id)
 
+    policy, reference = _setup_policy(config, accelerator, engine, objective, dataset, collate)
+    model, optimizer, scheduler = _setup_optimizer(config, accelerator, engine, policy, total_steps)
+    skipped_steps = _restore(accelerator, start, objective)
+    if main:
+        # Lines after the start step belong to an attempt that did not reach a checkpoint (all of them on a
+        # fresh start): drop them so that every step appears once.
+        _truncate_metrics(out_dir / "metrics.jsonl", start.step)
+    if config.logging.trackers:
+        accelerator.init_trackers("tether", config=_flat(config.to_dict()))
+    bar = tqdm(
+        total=total_steps,
+        initial=start.step,
+        desc=f"train {objective.name}",
+        disable=not (config.logging.progress and main),
+        unit="step",
+    )
+    run = _Run(
+        config=config,
+        accelerator=accelerator,
+        engine=engine,
+        objective=objective,
+        dataset=dataset,
+        collate=collate,
+        tokenizer=tokenizer,
+        model=model,
+        reference=reference,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        request=stat_request(objective, entropy=config.logging.entropy),
+        global_batch=global_batch,
+        total_steps=total_steps,
+        fingerprint=fingerprint,
+        bar=bar,
+        skipped_steps=skipped_steps,
+    )
+
+    # --- the loop: one optimizer step, its record, the log, a checkpoint every checkpoint.every steps
+    history: list[dict[str, Any]] = []
+    model.train()
+    for step in range(start.step, total_steps):
+        record = _train_step(run, step)
+        history.append(record)
+        if main:
+            _log(run, record)
+        steps_done = step + 1
+        if config.checkpoint.every and steps_done % config.checkpoint.every == 0 and steps_done < total_steps:
+            _write_checkpoint(run, steps_done)
+    bar.close()
+
+    # --- the end: the final model
+    _write_final(run)
+    if config.logging.trackers:
+        accelerator.end_training()
+    return TrainResult(out_dir, total_steps, out_dir / "final", history, run.skipped_steps, main)
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: step 0, or the newest complete checkpoint of the run it resumes."""
+
+    step: int = 0
+    checkpoint: Path | None = None  # the checkpoint folder it continues from
+    state: dict[str, Any] | None = None  # that checkpoint's state.json
+    changed: list[str] = field(
+        default_factory=list
+    )  # fingerprint fields changed since the run's newest record
+    finished: dict[str, Any] | None = None  # final/'s record (`FINISHED_RECORD`), if the run has one
+
+
+@dataclass
+class _Run:
+    """What the step loop works with, built once by `_train`'s setup stages."""
+
+    config: TrainConfig
+    accelerator: Any
+    engine: str  # `_engine`
+    objective: Objective
+    dataset: Any  # a `tether.data` PreferenceDataset
+    collate: Any  # PreferenceCollator
+    tokenizer: Any
+    model: Any  # the prepared PolicyStatistics (wrapped by DDP, FSDP or DeepSpeed)
+    reference: Reference
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    request: StatRequest
+    global_batch: int  # pairs per optimizer step: batch_size * grad_accum * processes
+    total_steps: int
+    fingerprint: dict[str, Any]
+    bar: Any  # the tqdm progress bar
+    skipped_steps: int = (
+        0  # steps skipped for a non-finite loss or gradient, this run and the ones it resumes
+    )
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+# --- setup stages --------------------------------------------------------------------------------------
+
+
+def _setup_accelerator(config: TrainConfig):
+    """(accelerate's Accelerator, its engine: `_engine`), the DeepSpeed config filled in, the seed set."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    accelerator = Accelerator(
+        mixed_precision=config.optim.mixed_precision,
+        log_with=config.logging.trackers or None,
+        project_dir=str(config.output_dir),
+        # Without cpu=True, accelerate ignores a torchrun launch on a machine with no GPU: every process
+        # would train alone on the whole data.
+        cpu=not _has_accelerator(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.distributed.timeout_s))],
+    )
+    engine = _engine(accelerator)
+    if engine in ("deepspeed", "zero3"):
+        _configure_deepspeed(accelerator.state.deepspeed_plugin, config, zero3=engine == "zero3")
+    world = accelerator.num_processes
+    if int(os.environ.get("WORLD_SIZE", world)) != world:  # (mpirun sets no WORLD_SIZE: nothing to compare)
+        raise RuntimeError(
+            f"launched as {os.environ['WORLD_SIZE']} processes (WORLD_SIZE) but accelerate runs {world}:"
+            " check the launcher"
+        )
+    if config.optim.deterministic:
+        torch.use_deterministic_algorithms(True)
+    set_seed(config.optim.seed)
+    return accelerator, engine
+
+
+def _resume_point(config: TrainConfig, resume: bool, fingerprint: dict[str, Any], main: bool) -> ResumePoint:
+    """Where the run starts. A fresh run refuses a folder holding checkpoints or a final model; --resume
+    refuses a run whose fingerprint changed in a way `tether.config.RESUME_ACCEPTED` does not accept (unless
+    checkpoint.allow_changed_config) and prints the accepted changes."""
+    out_dir = Path(config.output_dir)
+    ckpt_dir, final = out_dir / "checkpoints", out_dir / "final"
+    found = complete_checkpoints(ckpt_dir)
+    if not resume:
+        if found:
+            raise ConfigError(
+                f"output_dir {out_dir} already holds checkpoints; pass --resume to continue that run or choose"
+                " another output_dir"
+            )
+        if final.exists():
+            raise ConfigError(
+                f"output_dir {out_dir} already holds a final model (final/); pass --resume to continue that run"
+                " (a finished run is left as it is) or choose another output_dir"
+            )
+        return ResumePoint()
+    start = ResumePoint(finished=_finished_record(final))  # how far the run's final model got, if it has one
+    if found:
+        start.checkpoint = found[-1]
+        start.state = json.loads((start.checkpoint / "state.json").read_text())
+        start.step = int(start.state["step"])
+    # Compared with the newest record of the run: the final model's, or else the last checkpoint's.
+    finished = start.finished
+    newest = finished if finished is not None and finished["step"] >= start.step else start.state
+    if newest is not None:
+        refused, accepted = resume_changes(newest["fingerprint"], fingerprint)
+        start.changed = refused + accepted
+        if refused and not config.checkpoint.allow_changed_config:
+            trajectory = [key for key in refused if key in _TRAJECTORY_FIELDS]
+            raise ConfigError(
+                f"refusing to resume from {start.checkpoint if newest is start.state else final}: changed since"
+                f" it was written: {_changes(refused, newest['fingerprint'], fingerprint)}; restore them, or"
+                " set checkpoint.allow_changed_config=true to resume anyway"
+                + (
+                    f" ({', '.join(trajectory)} would change every step from here on: the result would"
+                    " match no uninterrupted run)"
+                    if trajectory
+                    else ""
+                )
+            )
+        if start.changed and main:
+            print(
+                f"[tether] --resume with changes: {_changes(start.changed, newest['fingerprint'], fingerprint)}"
+            )
+    return start
+
+
+def _check_resume_length(
+    config: TrainConfig, resume: bool, start: ResumePoint, total_steps: int, main: bool
+) -> bool:
+    """True if --resume finds the run complete (final/ holds step total_steps): nothing to do. Refuses a run
+    resumed beyond its configured length."""
+    out_dir = Path(config.output_dir)
+    if resume and start.finished is not None:
+        if start.finished["step"] == total_steps:
+            if main:
+                print(
+                    f"[tether] the run in {out_dir} is complete: final/ holds step {total_steps} of"
+                    f" {total_steps}; nothing to do (raise optim.max_steps or optim.epochs to train on)"
+                )
+            return True
+        if start.finished["step"] > total_steps:
+            raise ConfigError(
+                f"output_dir {out_dir} holds a final model of step {start.finished['step']}, beyond the"
+                f" {total_steps} steps now configured (optim.max_steps / optim.epochs); a run cannot be shortened"
+                " by resuming: choose another output_dir"
+            )
+    if resume and start.checkpoint is None and main:
+        print(f"[tether] --resume: no complete checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
+    if start.step > total_steps:
+        raise ConfigError(
+            f"cannot resume from {start.checkpoint}: its step {start.step} is beyond the {total_steps} steps now"
+            " configured (optim.max_steps / optim.epochs)"
+        )
+    if (
+        main
+        and resume
+        and config.optim.scheduler != "constant"
+        and any(key in ("optim.max_steps", "optim.epochs") for key in start.changed)
+    ):
+        print(f"[tether] the {config.optim.scheduler} learning-rate schedule now spans {total_steps} steps")
+    return False
+
+
+def _setup_policy(
+    config: TrainConfig, accelerator, engine: str, objective: Objective, dataset, collate
+) -> tuple[PolicyStatistics, Reference]:
+    """The policy (dropout off, LoRA applied, on its device unless sharded) and its reference."""
+    sharded = engine in ("fsdp", "zero3")  # parameters sharded across processes
     model = load_causal_lm(config.model.path, config.model)
     disable_dropout(model)
     if config.model.gradient_checkpointing:
@@ -584,7 +723,13 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     policy = PolicyStatistics(model, split_rows=not sharded)
     if engine == "zero3":
         _register_head_with_zero3(policy)
+    return policy, reference
 
+
+def _setup_optimizer(
+    config: TrainConfig, accelerator, engine: str, policy: PolicyStatistics, total_steps: int
+):
+    """(the prepared model, AdamW, the learning-rate schedule); the schedule is checkpointed with the run."""
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
         lr=config.optim.lr,
@@ -597,194 +742,234 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     if engine == "fsdp":
         require_head_in_root_unit(model, accelerator.unwrap_model(model).causal_lm.get_output_embeddings())
     accelerator.register_for_checkpointing(scheduler)
-    request = stat_request(objective, entropy=config.logging.entropy)
+    return model, optimizer, scheduler
 
-    skipped_steps = 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        if not any(k.startswith("objective.") for k in changed):
-            objective.load_state_dict(resume_state["objective"])
-        elif accelerator.is_main_process:  # (allow_changed_config) the old objective's state does not apply
-            print(
-                "[tether] the objective changed: its state (e.g. epsilon-DPO's beta) starts from the config"
-            )
-        skipped_steps = int(resume_state.get("skipped_steps", 0))
-        if accelerator.is_main_process:
-            print(f"[tether] resumed from {resume_from} at step {start_step}")
+
+def _restore(accelerator, start: ResumePoint, objective: Objective) -> int:
+    """Load the checkpoint `start` continues from, if any (weights, optimizer, schedule, RNG, the objective's
+    state); returns the steps skipped so far."""
+    if start.checkpoint is None:
+        return 0
+    accelerator.load_state(str(start.checkpoint))
+    if not any(key.startswith("objective.") for key in start.changed):
+        objective.load_state_dict(start.state["objective"])
+    elif accelerator.is_main_process:  # (allow_changed_config) the old objective's state does not apply
+        print("[tether] the objective changed: its state (e.g. epsilon-DPO's beta) starts from the config")
     if accelerator.is_main_process:
-        # Lines after the start step belong to an attempt that did not reach a checkpoint (all of them on a
-        # fresh start): drop them so that every step appears once.
-        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
-    if config.logging.trackers:
-        accelerator.init_trackers("tether", config=_flat(config.to_dict()))
+        print(f"[tether] resumed from {start.checkpoint} at step {start.step}")
+    return int(start.state.get("skipped_steps", 0))
 
-    history: list[dict[str, Any]] = []
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc=f"train {objective.name}",
-        disable=not (config.logging.progress and accelerator.is_main_process),
-        unit="step",
+
+# --- one optimizer step --------------------------------------------------------------------------------
+
+
+@dataclass
+class _StepSums:
+    """One optimizer step's sums on this process, over its micro-batches."""
+
+    metrics: dict[str, torch.Tensor]  # the objective's metrics, each times the micro-batch's pairs
+    pair_count: torch.Tensor  # pairs counted (a zero-weight filler counts none), 0-dim
+    tokens: int  # response tokens of the counted pairs
+    beta_steps: torch.Tensor  # sum of ObjectiveOutput.beta_steps over the counted pairs, float64 0-dim
+    nonfinite: torch.Tensor  # micro-batches with a non-finite loss, 0-dim
+    bad_rows: list[int]  # data rows whose loss was non-finite
+
+
+def _train_step(run: _Run, step: int) -> dict[str, Any]:
+    """Optimizer step `step` (0-based): every micro-batch's forward and backward, then the update, or for a
+    non-finite loss or gradient a skip (optim.on_nonfinite=skip: counted in run.skipped_steps) or
+    NonFiniteError. Returns the step's record, reduced over processes."""
+    config, accelerator = run.config, run.accelerator
+    t0 = time.perf_counter()
+    epoch, pairs = step_pairs(
+        len(run.dataset), run.global_batch, step, config.optim.seed, config.data.shuffle
     )
-    model.train()
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        epoch, pairs = step_pairs(len(dataset), global_batch, step, config.optim.seed, config.data.shuffle)
-        n_step = len(pairs)
-        b, r = config.optim.batch_size, accelerator.process_index
-        num_micro = math.ceil(n_step / (b * world))
-        sums: dict[str, torch.Tensor] = {}
-        local_pairs = torch.zeros((), device=accelerator.device)
-        step_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        bad_local = torch.zeros((), device=accelerator.device)
-        bad_rows: list[int] = []
-        tokens = 0
-        for j in range(num_micro):
-            indices = pairs[(j * world + r) * b : (j * world + r + 1) * b]
-            weight = 1.0
-            if not indices:  # this process has no pair left in the step: run one with weight 0
-                indices, weight = pairs[:1], 0.0
-            batch = collate([dataset[i] for i in indices]).to(accelerator.device)
-            sync = j == num_micro - 1
-            # DeepSpeed takes the accumulation boundary from sync_gradients (it steps in the last backward);
-            # DDP and FSDP skip the gradient all-reduce of the other micro-batches through no_sync.
-            accelerator.sync_gradients = sync
-            skip_sync = not sync and world > 1 and engine in ("plain", "fsdp")
-            ctx = accelerator.no_sync(model) if skip_sync else contextlib.nullcontext()
-            with ctx:
-                with accelerator.autocast():
-                    stats = PairStats(**model(reference, batch, indices, request, config.optim.chunk_size))
-                    out = objective(stats)
-                loss = out.losses.sum() * (weight * world / n_step)
-                finite = torch.isfinite(out.losses.detach())
-                if not finite.all():
-                    bad_local += 1
-                    bad_rows.extend(
-                        dataset[i].row_number for i, ok in zip(indices, finite.tolist()) if not ok
-                    )
-                accelerator.backward(loss)
-            # A zero-weight filler still adds (zeros to) every metric: the tensors reduced across processes
-            # below must have the same size on every process, or gloo/NCCL fail or hang.
-            k = float(len(indices)) if weight else 0.0
-            local_pairs += k
-            for name, value in out.metrics.items():
-                value = value.detach().float()
-                sums[name] = sums.get(name, 0.0) + (value * k if weight else torch.zeros_like(value))
-            if weight:
-                tokens += batch.num_response_tokens()
-                if out.beta_steps is not None:
-                    step_sum += out.beta_steps.detach().double().sum()
-        # Every process agrees on a non-finite step: the flag is summed over processes.
-        bad = accelerator.reduce(bad_local, reduction="sum")
-        # All parameters (frozen ones have no gradient): accelerate's FSDP clipping needs the model's list.
-        # Without clipping, max_norm=inf still gives the global norm (sharded gradients included) and scales
-        # every gradient by exactly 1.
-        grad_norm = accelerator.clip_grad_norm_(
-            list(model.parameters()),
-            float("inf") if config.optim.max_grad_norm is None else config.optim.max_grad_norm,
-        )
-        # fp16's loss scaler skips overflowing steps itself; elsewhere a non-finite gradient is an error.
-        # (DeepSpeed reports no norm where it computed none.)
-        finite_norm = grad_norm is None or torch.isfinite(torch.as_tensor(grad_norm)).all()
-        if config.optim.mixed_precision != "fp16" and not finite_norm:
-            bad = bad + 1
-        if float(bad) > 0:
-            if config.optim.on_nonfinite == "error":
-                raise NonFiniteError(
-                    f"non-finite loss or gradient at step {step + 1} (epoch {epoch}); rows on this process:"
-                    f" {bad_rows or 'none (another process or the gradient)'}; set optim.on_nonfinite=skip to"
-                    " skip such steps"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            skipped_steps += 1
-            if accelerator.is_main_process:
-                bar.write(
-                    f"[tether] step {step + 1}: non-finite loss/gradient, step skipped ({skipped_steps} so far)"
-                )
-        else:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if isinstance(objective, EpsilonDPO):
-                total = accelerator.reduce(step_sum, reduction="sum")
-                objective.update_base_beta(float(total) / n_step)
-
-        # Metrics: pair-weighted means over micro-batches and processes.
-        names = sorted(sums)
-        packed = torch.stack([sums[k] for k in names] + [local_pairs.float()]) if names else local_pairs[None]
-        packed = accelerator.reduce(packed, reduction="sum")
-        count = float(packed[-1])
-        record = {"step": step + 1, "epoch": epoch}
-        record.update({k: float(packed[i]) / max(count, 1.0) for i, k in enumerate(names)})
-        record["lr"] = scheduler.get_last_lr()[0]
-        record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
-        record["pairs"] = int(count)
-        record["tokens"] = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
-        record["step_time_s"] = time.perf_counter() - t0
-        record["skipped_steps"] = skipped_steps
-        if isinstance(objective, EpsilonDPO):
-            record["beta/base_next"] = objective.beta
-        history.append(record)
+    sums = _accumulate_gradients(run, pairs)
+    # Every process agrees on a non-finite step: the flag is summed over processes.
+    bad = accelerator.reduce(sums.nonfinite, reduction="sum")
+    # All parameters (frozen ones have no gradient): accelerate's FSDP clipping needs the model's list.
+    # Without clipping, max_norm=inf still gives the global norm (sharded gradients included) and scales
+    # every gradient by exactly 1.
+    grad_norm = accelerator.clip_grad_norm_(
+        list(run.model.parameters()),
+        float("inf") if config.optim.max_grad_norm is None else config.optim.max_grad_norm,
+    )
+    # fp16's loss scaler skips overflowing steps itself; elsewhere a non-finite gradient is an error.
+    # (DeepSpeed reports no norm where it computed none.)
+    finite_norm = grad_norm is None or torch.isfinite(torch.as_tensor(grad_norm)).all()
+    if config.optim.mixed_precision != "fp16" and not finite_norm:
+        bad = bad + 1
+    if float(bad) > 0:
+        if config.optim.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step + 1} (epoch {epoch}); rows on this process:"
+                f" {sums.bad_rows or 'none (another process or the gradient)'}; set optim.on_nonfinite=skip to"
+                " skip such steps"
+            )
+        run.optimizer.zero_grad(set_to_none=True)
+        run.skipped_steps += 1
         if accelerator.is_main_process:
-            if (step + 1) % config.logging.every == 0 or step + 1 == total_steps:
-                with (
-                    _explain_write_failure(
-                        f"the metrics of step {step + 1}", out_dir / "metrics.jsonl", ckpt_dir
-                    ),
-                    open(out_dir / "metrics.jsonl", "a") as fh,
-                ):
-                    fh.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
-                if config.logging.trackers:
-                    accelerator.log(
-                        {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1
-                    )
-            bar.set_postfix(
-                loss=f"{record.get('loss', float('nan')):.4f}",
-                margin=f"{record.get('rewards/margins', 0.0):.3f}",
+            run.bar.write(
+                f"[tether] step {step + 1}: non-finite loss/gradient, step skipped ({run.skipped_steps} so far)"
             )
-            bar.update(1)
-        if config.checkpoint.every and (step + 1) % config.checkpoint.every == 0 and step + 1 < total_steps:
-            state = {
-                "step": step + 1,
-                "objective": objective.state_dict(),
-                "skipped_steps": skipped_steps,
-                "fingerprint": fingerprint,
-            }
-            with _explain_write_failure(
-                f"checkpoint step {step + 1}", ckpt_dir / f"step-{step + 1:08d}.partial", ckpt_dir
-            ):
-                _save_checkpoint(
-                    accelerator,
-                    ckpt_dir,
-                    step + 1,
-                    state,
-                    config.checkpoint.keep_last,
-                    model,
-                    tokenizer,
-                    loadable=engine == "plain",
-                )
-    bar.close()
+        mean_beta_step = None
+    else:
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
 
-    accelerator.wait_for_everyone()
-    require_finite_weights(accelerator, model, "the final model", ckpt_dir)
-    # Sharded: every process takes part in gathering the full weights (to the main process, on CPU).
-    full_state = accelerator.get_state_dict(model) if sharded else None
-    if accelerator.is_main_process:
-        with _explain_write_failure("the final model", final.with_name("final.partial"), ckpt_dir):
-            _save_final(
-                accelerator.unwrap_model(model).causal_lm, tokenizer, final, config, objective, full_state
-            )
-            # Written once final/ is complete: a resume of this run then knows it is finished.
-            with atomic_write(final / FINISHED_RECORD) as f:
-                f.write(
-                    json.dumps(
-                        {"step": total_steps, "skipped_steps": skipped_steps, "fingerprint": fingerprint}
-                    )
+        def mean_beta_step() -> float:
+            return float(accelerator.reduce(sums.beta_steps, reduction="sum")) / len(pairs)
+
+    objective_metrics = run.objective.after_step(mean_beta_step)
+    means, counted, tokens = _reduce_metrics(accelerator, sums)
+    return {
+        "step": step + 1,
+        "epoch": epoch,
+        **means,
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "pairs": counted,
+        "tokens": tokens,
+        "step_time_s": time.perf_counter() - t0,
+        "skipped_steps": run.skipped_steps,
+        **objective_metrics,
+    }
+
+
+def _accumulate_gradients(run: _Run, pairs: list[int]) -> _StepSums:
+    """Forward and backward of this process's micro-batches of one optimizer step's pairs (see the module
+    docstring for who takes which pairs and how the loss is scaled); gradients sync on the last one only."""
+    accelerator, world, b = run.accelerator, run.accelerator.num_processes, run.config.optim.batch_size
+    rank, n_step = accelerator.process_index, len(pairs)
+    num_micro = math.ceil(n_step / (b * world))
+    device = accelerator.device
+    sums = _StepSums(
+        metrics={},
+        pair_count=torch.zeros((), device=device),
+        tokens=0,
+        beta_steps=torch.zeros((), dtype=torch.float64, device=device),
+        nonfinite=torch.zeros((), device=device),
+        bad_rows=[],
+    )
+    for j in range(num_micro):
+        indices = pairs[(j * world + rank) * b : (j * world + rank + 1) * b]
+        weight = 1.0
+        if not indices:  # this process has no pair left in the step: run one with weight 0
+            indices, weight = pairs[:1], 0.0
+        batch = run.collate([run.dataset[i] for i in indices]).to(device)
+        sync = j == num_micro - 1
+        # DeepSpeed takes the accumulation boundary from sync_gradients (it steps in the last backward);
+        # DDP and FSDP skip the gradient all-reduce of the other micro-batches through no_sync.
+        accelerator.sync_gradients = sync
+        skip_sync = not sync and world > 1 and run.engine in ("plain", "fsdp")
+        with accelerator.no_sync(run.model) if skip_sync else contextlib.nullcontext():
+            with accelerator.autocast():
+                stats = PairStats(
+                    **run.model(run.reference, batch, indices, run.request, run.config.optim.chunk_size)
                 )
+                out = run.objective(stats)
+            loss = out.losses.sum() * (weight * world / n_step)
+            finite = torch.isfinite(out.losses.detach())
+            if not finite.all():
+                sums.nonfinite += 1
+                sums.bad_rows.extend(
+                    run.dataset[i].row_number for i, ok in zip(indices, finite.tolist()) if not ok
+                )
+            accelerator.backward(loss)
+        # A zero-weight filler still adds (zeros to) every metric: the tensors reduced across processes
+        # in `_reduce_metrics` must have the same size on every process, or gloo/NCCL fail or hang.
+        counted = float(len(indices)) if weight else 0.0
+        sums.pair_count += counted
+        for name, value in out.metrics.items():
+            value = value.detach().float()
+            sums.metrics[name] = sums.metrics.get(name, 0.0) + (
+                value * counted if weight else torch.zeros_like(value)
+            )
+        if weight:
+            sums.tokens += batch.num_response_tokens()
+            if out.beta_steps is not None:
+                sums.beta_steps += out.beta_steps.detach().double().sum()
+    return sums
+
+
+def _reduce_metrics(accelerator, sums: _StepSums) -> tuple[dict[str, float], int, int]:
+    """(pair-weighted means of the objective's metrics over micro-batches and processes, pairs, tokens)."""
+    names = sorted(sums.metrics)
+    local = sums.pair_count
+    packed = torch.stack([sums.metrics[name] for name in names] + [local.float()]) if names else local[None]
+    packed = accelerator.reduce(packed, reduction="sum")
+    count = float(packed[-1])
+    means = {name: float(packed[i]) / max(count, 1.0) for i, name in enumerate(names)}
+    tokens = int(accelerator.reduce(torch.tensor(sums.tokens, device=accelerator.device), "sum"))
+    return means, int(count), tokens
+
+
+# --- logging and checkpoints ---------------------------------------------------------------------------
+
+
+def _log(run: _Run, record: dict[str, Any]) -> None:
+    """(Main process) every logging.every steps and the last: append the record to metrics.jsonl and send it
+    to the trackers; always: update the progress bar."""
+    config, done = run.config, record["step"]
+    if done % config.logging.every == 0 or done == run.total_steps:
+        path = run.out_dir / "metrics.jsonl"
+        with (
+            _explain_write_failure(f"the metrics of step {done}", path, run.ckpt_dir),
+            open(path, "a") as fh,
+        ):
+            fh.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
+        if config.logging.trackers:
+            run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+    run.bar.set_postfix(
+        loss=f"{record.get('loss', float('nan')):.4f}",
+        margin=f"{record.get('rewards/margins', 0.0):.3f}",
+    )
+    run.bar.update(1)
+
+
+def _write_checkpoint(run: _Run, steps_done: int) -> None:
+    """Checkpoint `step-{steps_done}` (all processes take part); a failed write becomes a RunWriteError."""
+    state = {
+        "step": steps_done,
+        "objective": run.objective.state_dict(),
+        "skipped_steps": run.skipped_steps,
+        "fingerprint": run.fingerprint,
+    }
+    staging = run.ckpt_dir / f"step-{steps_done:08d}.partial"
+    with _explain_write_failure(f"checkpoint step {steps_done}", staging, run.ckpt_dir):
+        _save_checkpoint(
+            run.accelerator,
+            run.ckpt_dir,
+            steps_done,
+            state,
+            run.config.checkpoint.keep_last,
+            run.model,
+            run.tokenizer,
+            loadable=run.engine == "plain",
+        )
+
+
+def _write_final(run: _Run) -> None:
+    """The final model into final/ (refused if a weight is non-finite), then its `FINISHED_RECORD`."""
+    accelerator, final = run.accelerator, run.out_dir / "final"
     accelerator.wait_for_everyone()
-    if config.logging.trackers:
-        accelerator.end_training()
-    return TrainResult(out_dir, total_steps, final, history, skipped_steps, accelerator.is_main_process)
+    require_finite_weights(accelerator, run.model, "the final model", run.ckpt_dir)
+    # Sharded: every process takes part in gathering the full weights (to the main process, on CPU).
+    full_state = accelerator.get_state_dict(run.model) if run.engine in ("fsdp", "zero3") else None
+    if accelerator.is_main_process:
+        with _explain_write_failure("the final model", final.with_name("final.partial"), run.ckpt_dir):
+            causal_lm = accelerator.unwrap_model(run.model).causal_lm
+            _save_final(causal_lm, run.tokenizer, final, run.config, run.objective, full_state)
+            # Written once final/ is complete: a resume of this run then knows it is finished.
+            record = {
+                "step": run.total_steps,
+                "skipped_steps": run.skipped_steps,
+                "fingerprint": run.fingerprint,
+            }
+            with atomic_write(final / FINISHED_RECORD) as f:
+                f.write(json.dumps(record))
+    accelerator.wait_for_everyone()
 
 
 def _save_final(model, tokenizer, folder: Path, config: TrainConfig, objective, full_state=None) -> None:

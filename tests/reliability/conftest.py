@@ -1,11 +1,12 @@
-"""Fixtures of the reliability suite (self-contained: nothing from tests/conftest.py is used).
+"""Fixtures of the reliability suite, on top of tests/conftest.py's (its `make_model` builds the model).
 
-- `model_dir`: the toy character tokenizer and a 2-layer, hidden-32 Llama built from a seed and saved with
-  safetensors (nothing is downloaded; every hub access is switched off for the session).
+- `model_dir`: the toy character tokenizer and a 2-layer, hidden-32 Llama with 2 heads built from a seed and
+  saved with safetensors (nothing is downloaded; every hub access is switched off for the session).
 - `good_rows` / `write_jsonl` / `write_config`: preference pairs (short arithmetic prompts as text, each prompt
   4 tokens and each response 2 with <eos>) and YAML configs in a test's tmp_path.
 - `runner`: subprocess helpers with a timeout on everything: a hung process group is SIGKILLed and the test
   fails with its output instead of hanging CI.
+- `metrics`: a run's metrics.jsonl through `tether.train.read_metrics` (a torn line is an error here).
 - `probes`: tests/reliability/_probes.py (NaN injection, pauses, rank reports), also runnable as a script.
 """
 
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,11 @@ import pytest
 import torch
 import yaml
 
+import tether.train
+from tether.config import _merge
+
 HERE = Path(__file__).resolve().parent
 PROBES_SCRIPT = HERE / "_probes.py"
-TINY_LLAMA = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
 
 # Every subprocess gets these: offline, one thread per process (2 cores; reproducible CPU math), no buffering.
 SUBPROCESS_ENV = {
@@ -83,14 +87,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
-    from tether.toy.model import build_tiny_llama
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model = build_tiny_llama(tokenizer, seed=0, **TINY_LLAMA)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+def model_dir(tmp_path_factory: pytest.TempPathFactory, make_model) -> Path:
+    return make_model(tmp_path_factory.mktemp("tiny_llama"), seed=0, num_heads=2)
 
 
 def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -146,19 +144,12 @@ def base_config(model_dir: Path, data: Path, output_dir: Path) -> dict[str, Any]
     }
 
 
-def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 @pytest.fixture(scope="session")
 def write_config(model_dir: Path):
     """write_config(path, train_file, output_dir, **sections) -> path of a YAML config (sections deep-merged)."""
 
     def write(path: Path, train_file: Path, output_dir: Path, **sections: Any) -> Path:
-        cfg = _deep_update(base_config(model_dir, train_file, output_dir), sections)
+        cfg = _merge(base_config(model_dir, train_file, output_dir), sections)  # the config loader's merge
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
 
@@ -166,7 +157,13 @@ def write_config(model_dir: Path):
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a run's metrics.jsonl (`path`), read by tether's reader; its warning about a torn last
+    line is an error here."""
+    path = Path(path)
+    assert path.name == "metrics.jsonl", path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return tether.train.read_metrics(path.parent)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The evaluation config: one dataclass, loadable from YAML with key=value overrides.
+"""The evaluation config: one dataclass, loaded from YAML with key=value overrides by the mechanism of
+`tether.config` (the same `ConfigError`, type checks and override syntax as the training config).
 
 Unknown keys and values of the wrong type or range raise `ConfigError`, whose message names the field.
 Override values are parsed as YAML (`temperatures=[0.2,1.0]`, `reference=null`, `seed=3`).
@@ -7,17 +8,13 @@ Override values are parsed as YAML (`temperatures=[0.2,1.0]`, `reference=null`, 
 from __future__ import annotations
 
 import os
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import yaml
+from tether.config import ConfigError, from_dict, read_config_dict
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the field (and the file when there is one)."""
+__all__ = ["ConfigError", "EvalConfig", "ModelSpec", "config_from_dict", "load_config"]
 
 
 @dataclass
@@ -116,113 +113,26 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """value checked/converted to annotation tp; ConfigError naming `name` when it does not fit."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(name, value, option)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} fits none of {tp}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{name}: must be one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: must be a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin is Callable:
-        if not callable(value):
-            raise ConfigError(f"{name}: must be callable, got {value!r}")
-        return value
-    if tp is ModelSpec:
-        return _model_spec(name, value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover
-
-
-def _model_spec(name: str, value: Any) -> ModelSpec:
-    if isinstance(value, ModelSpec):
-        return value
+def _model_entry(value: Any) -> Any:
+    """A bare path stands for {name: its folder's name, path}; so does a mapping without a name."""
     if isinstance(value, str):
-        return ModelSpec(name=os.path.basename(os.path.normpath(value)), path=value)
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{name}: must be {{name, path}} or a path, got {value!r}")
-    unknown = set(value) - {"name", "path"}
-    if unknown:
-        raise ConfigError(f"{name}.{sorted(unknown)[0]}: unknown key (a model has 'name' and 'path')")
-    if "path" not in value:
-        raise ConfigError(f"{name}.path: missing")
-    path = _coerce(f"{name}.path", value["path"], str)
-    label = _coerce(f"{name}.name", value.get("name", os.path.basename(os.path.normpath(path))), str)
-    return ModelSpec(name=label, path=path)
+        value = {"path": value}
+    if isinstance(value, Mapping) and "name" not in value and isinstance(value.get("path"), str):
+        value = {**value, "name": os.path.basename(os.path.normpath(value["path"]))}
+    return value
 
 
 def config_from_dict(data: Mapping[str, Any]) -> EvalConfig:
-    """An EvalConfig from a plain mapping; unknown keys and ill-typed values raise ConfigError."""
-    hints = typing.get_type_hints(EvalConfig)
-    known = {f.name for f in fields(EvalConfig)}
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-    kwargs = {key: _coerce(key, value, hints[key]) for key, value in data.items()}
-    return EvalConfig(**kwargs)
-
-
-def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """["key=value", ...] -> {key: YAML-parsed value}; a malformed item raises ConfigError."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key=value")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{key.strip()}: cannot parse {raw!r}: {exc}") from exc
-    return out
+    """An EvalConfig from a plain mapping (`tether.config.from_dict`); unknown keys and ill-typed values raise
+    ConfigError naming the field."""
+    if isinstance(data.get("models"), (list, tuple)):
+        data = {**data, "models": [_model_entry(m) for m in data["models"]]}
+    return from_dict(EvalConfig, data)
 
 
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> EvalConfig:
     """Read a YAML config (or none), apply key=value overrides, validate; ConfigError names the field."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-        except OSError as exc:
-            raise ConfigError(f"config {path!r}: cannot read: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path!r}: invalid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {path!r}: the top level must be a mapping of fields")
-        data.update(loaded or {})
-    data.update(parse_overrides(overrides))
+    data = read_config_dict(path, overrides)
     try:
         return config_from_dict(data).validate()
     except ConfigError as exc:

@@ -13,7 +13,7 @@ where p underflows to 0, so masked (-inf) logits give finite results, not NaN.
 Memory: sequences go through the model `seq_chunk` at a time, and only response positions of the final
 hidden states go through the output head, `token_chunk` at a time, under no_grad: the largest vocabulary
 tensor held is (token_chunk, V) per model. Models whose logits are not `output_embeddings(hidden)` (up to
-the head transform of `tether.modeling.head_transform`: a logit scale, soft-capping) are detected on the first chunk with `logits_to_keep=1` and fall back to
+the head transform of `tether.causal_lm.head_transform`: a logit scale, soft-capping) are detected on the first chunk with `logits_to_keep=1` and fall back to
 full logits per sequence chunk, (seq_chunk, T, V).
 """
 
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether.causal_lm import head_transform
 from tether.evaluate.sampling import encode_prompts, format_prompts, pad_token_id, uses_chat_template
-from tether.modeling import head_transform
 
 
 @dataclass
