@@ -225,6 +225,7 @@ def _evaluate(
             "diversity_unit": "char",  # answers are single words: word bigrams would all be 0
             "output_dir": str(out / "eval"),
             "batch_size": 64,
+            "sampler": "generate",  # the sampler of the committed figures (same seed, same samples)
             "progress": progress,
         }
     )
