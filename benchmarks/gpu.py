@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pairs_per_step": cfg.pairs_per_step,
                 "steps": cfg.steps,
             }
-            res = run_worker(spec, env, timeout=max(60.0, deadline + 120 - time.time()))
+            res = run_worker(spec, env, timeout=min(900.0, max(60.0, deadline + 120 - time.time())))
             wall = res["wall"][-1] - res["wall"][cfg.warmup - 1]
             tok_s = sum(counts["real_tokens"][cfg.warmup :]) / wall
             res.update(tok_s=tok_s, step_s=wall / cfg.timed)
@@ -425,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                     "steps": 2,
                     "deadline": deadline,
                 }
-                rows = run_worker(spec, env, timeout=max(60.0, deadline + 120 - time.time()))["rows"]
+                rows = run_worker(spec, env, timeout=min(900.0, max(60.0, deadline + 120 - time.time())))[
+                    "rows"
+                ]
                 sweep[run.label] = rows
                 cells = [
                     f"{r['length']}: {r['peak_mb']:.0f}"

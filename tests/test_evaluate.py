@@ -422,6 +422,25 @@ def test_shared_prefix_finished_rows_leave_the_batch(tok, monkeypatch) -> None:
     assert all(2 not in r[:-1] for r in rows) and all(len(r) <= 10 for r in rows)
 
 
+@pytest.mark.parametrize("candidates", [3, 256])
+def test_nucleus_matches_transformers_top_p(monkeypatch, candidates) -> None:
+    """The kept tokens and their weights equal transformers' TopPLogitsWarper's, whether the nucleus is
+    found among the first `candidates` tokens or needs the full sort (3 candidates: most rows do)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 50, generator=g) * torch.tensor([0.5, 2.0, 6.0]).repeat(4)[:, None]
+    probs = logits.softmax(-1)
+    for top_p in (0.05, 0.3, 0.7, 0.9, 0.99):
+        weights, ids = sampling._nucleus(probs, top_p)
+        reference = TopPLogitsWarper(top_p)(None, logits.clone())
+        for row in range(len(logits)):
+            kept = ids[row][weights[row] > 0]
+            assert set(kept.tolist()) == set(torch.isfinite(reference[row]).nonzero().squeeze(1).tolist())
+            assert torch.allclose(weights[row][weights[row] > 0], probs[row, kept])
+
+
 def _chi_square_bound(df: int) -> float:
     """The 1 - 1e-6 quantile of chi-square(df), Wilson-Hilferty approximation (z = 4.75)."""
     return df * (1 - 2 / (9 * df) + 4.75 * math.sqrt(2 / (9 * df))) ** 3
@@ -437,13 +456,16 @@ def _chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
     return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_shared_prefix_samples_the_model_distribution(tok, temperature, top_p) -> None:
+@pytest.mark.parametrize("temperature, top_p, candidates", [(1.0, 1.0, 256), (0.7, 0.9, 256), (0.7, 0.9, 2)])
+def test_shared_prefix_samples_the_model_distribution(
+    tok, monkeypatch, temperature, top_p, candidates
+) -> None:
     """Empirical frequencies of the first and second new token (second: over rows still generating, plus
     "ended at EOS") against the exact distribution, computed with transformers' own TopPLogitsWarper on the
     model's logits. The same counts against the distribution at another temperature must fail the bound."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)  # 2: the full-sort path for most rows
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(4 + len(CHARS))).eval()
     with torch.no_grad():

@@ -32,6 +32,7 @@ regenerated. The file's first line is a header {"key", "meta"}; then one line pe
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -230,21 +231,47 @@ def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids
 
 
+NUCLEUS_CANDIDATES = 256  # most likely tokens searched first for the top_p nucleus (then a full sort)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top_p nucleus of each row of probs (R, V): (weights (R, K), token ids (R, K)), most likely first.
+
+    Token i is kept when the mass of the tokens ranked above it is below top_p: the rule of transformers'
+    TopPLogitsWarper (drop i when the ascending cumulative mass up to i is <= 1 - top_p), so the most likely
+    token always stays. Rows whose nucleus fits in the first NUCLEUS_CANDIDATES tokens (found with topk, much
+    cheaper than sorting the vocabulary) are resolved there; the others are sorted in full.
+    """
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, ids = probs.topk(k, dim=-1)
+    open_rows = (top.sum(-1) < top_p).nonzero().squeeze(1)  # a token beyond the k-th may be in the nucleus
+    if len(open_rows):
+        full, full_ids = probs[open_rows].sort(dim=-1, descending=True)
+        top = torch.cat([top, top.new_zeros(len(top), probs.shape[-1] - k)], dim=1)
+        ids = torch.cat([ids, ids.new_zeros(len(ids), probs.shape[-1] - k)], dim=1)
+        top[open_rows], ids[open_rows] = full, full_ids
+    above = top.cumsum(-1) - top
+    return top * (above < top_p), ids
+
+
 def _next_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
 ) -> torch.Tensor:
     """One token per row from float32 logits (R, V): argmax at temperature 0, else a draw from the
-    temperature-scaled top_p nucleus (transformers' TemperatureLogitsWarper then TopPLogitsWarper)."""
+    temperature-scaled distribution restricted to its top_p nucleus (transformers' TemperatureLogitsWarper
+    then TopPLogitsWarper), by inverse CDF: u ~ U[0, 1) times the kept mass, the first token whose
+    cumulative weight exceeds it (one uniform per row; faster than torch.multinomial on CPU)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scores = logits / temperature
+    probs = (logits / temperature).softmax(dim=-1)
     if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - top_p)
-        drop[:, -1] = False  # the most likely token always stays
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        weights, ids = _nucleus(probs, top_p)
+    else:
+        weights, ids = probs, None
+    cdf = weights.double().cumsum(dim=-1)
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return pick.squeeze(1) if ids is None else ids.gather(1, pick).squeeze(1)
 
 
 @torch.no_grad()
@@ -274,13 +301,17 @@ def generate_shared_prefix(
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache = DynamicCache(config=model.config)
+    # logits of the last position only, where the model supports it (remote-code models may not)
+    last_only = (
+        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
     out = model(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1,
+        **last_only,
     )
     expand = torch.repeat_interleave(
         torch.arange(len(prompt_ids), device=device), torch.tensor(list(repeats), device=device)
@@ -290,7 +321,7 @@ def generate_shared_prefix(
     mask, last_pos = mask[expand], positions[expand, -1:]
     rows = torch.arange(len(expand), device=device)  # original row index of each active row
     eos_ids = torch.tensor(sorted(eos), device=device, dtype=torch.long)
-    tokens: list[torch.Tensor] = []  # step t: (R,) tokens of the rows active at step t, or -1
+    tokens: list[torch.Tensor] = []  # step t: (sum(repeats),) the token of each row, -1 once it ended
     for step in range(max_new_tokens):
         new = _next_tokens(logits, temperature, top_p, generator)
         column = torch.full((len(expand),), -1, dtype=torch.long, device=device)
