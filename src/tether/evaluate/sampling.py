@@ -13,9 +13,11 @@ Two samplers draw from that same distribution (`sampler`):
 - "shared_prefix" (the default): tether's own decoding loop. A batch's distinct prompts are prefilled once
   and their KV cache is copied to each of their rows (a prompt's n samples share one prefill); a row that
   has produced EOS leaves the batch, so later steps only run the rows still generating. Each step scales the
-  float32 logits by 1/temperature, keeps the top_p nucleus exactly as transformers' TopPLogitsWarper does
-  (smallest set of most likely tokens whose mass reaches top_p, at least one token) and draws with
-  `torch.multinomial` from a `torch.Generator` seeded with `seed + 1_000_003 * b` for batch b.
+  float32 logits by 1/temperature, keeps the top_p nucleus by transformers' TopPLogitsWarper rule (a token
+  stays when the tokens more likely than it hold less than top_p; the most likely always stays), found among
+  the 256 most likely tokens by `topk` (a full sort only for rows whose nucleus is larger), and draws one
+  token per row by inverse CDF with a uniform from a `torch.Generator` seeded with `seed + 1_000_003 * b` for
+  batch b. Against `generate`'s full sort and `torch.multinomial` only float rounding differs.
 - "generate": `model.generate` on the left-padded rows, batch b under `torch.manual_seed(seed +
   1_000_003 * b)` inside `torch.random.fork_rng`.
 Both are reproducible for a fixed batch size and leave the caller's RNG state untouched. They consume
