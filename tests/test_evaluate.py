@@ -594,6 +594,10 @@ def test_config_yaml_overrides_and_errors(tmp_path) -> None:
         load_config(str(path), ["top_p=1.5"])
     with pytest.raises(ConfigError, match="n_samples"):
         load_config(str(path), ["n_samples=many"])
+    assert load_config(str(path), []).sampler == "shared_prefix"
+    assert load_config(str(path), ["sampler=generate"]).sampler == "generate"
+    with pytest.raises(ConfigError, match="sampler"):
+        load_config(str(path), ["sampler=beam"])
     with pytest.raises(ConfigError, match=r"temperatures\[1\]"):
         load_config(str(path), ["temperatures=[0.5, hot]"])
     with pytest.raises(ConfigError, match="k"):
@@ -674,6 +678,14 @@ def test_run_eval_end_to_end(saved_models, tmp_path) -> None:
         again["models"]["other"]["temperatures"]["1"]["pass@k"]
         == on_disk["models"]["other"]["temperatures"]["1"]["pass@k"]
     )
+    caches = list((tmp_path / "out" / "samples").glob("samples-*.jsonl"))
+    headers = [json.loads(path.read_text().splitlines()[0])["meta"] for path in caches]
+    # 2 model folders ("same" is the reference folder) x 2 temperatures, all with the config's default sampler
+    assert len(headers) == 4 and {h["sampler"] for h in headers} == {"shared_prefix"}
+    cfg.sampler = "generate"  # another sampler: other samples, so no cache hit
+    third = runner.run_eval(cfg)
+    for name in ("reference", "other"):  # "same" reads the reference's fresh samples: the same folder
+        assert not any(m["from_cache"] for m in third["models"][name]["temperatures"].values()), name
 
 
 def test_main_with_yaml_and_a_task(saved_models, tmp_path, monkeypatch, capsys) -> None:
