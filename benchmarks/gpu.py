@@ -18,7 +18,7 @@ optimizer-step hook of vs_trl.py, after torch.cuda.synchronize), peak CUDA memor
 bf16 rounding).
 
 Part 2, the memory ceiling: peak CUDA memory of one optimizer step pair (2 steps, 1 pair per step: the chosen
-and rejected rows of prompt + response = L tokens, a quarter of them prompt) for L = 1k, 2k, ... 32k, for
+and rejected rows of prompt + response = L tokens, a quarter of them prompt) for L = 2k, 4k, ... 128k, for
 tether dpo, tether tdpo2 and TRL DPOTrainer (reference model), each in one subprocess that walks up the
 lengths until the first out-of-memory error. The longest length each fits is reported.
 
@@ -57,7 +57,7 @@ GPU_CONFIG = vs_trl.BenchConfig(
     vocab=32000,
     prompt=(128, 512),
     response=(512, 1536),
-    max_length=32768,  # the model's max_position_embeddings: the sweep's longest length
+    max_length=131072,  # the model's max_position_embeddings: the sweep's longest length
     pairs_per_step=4,
     warmup=2,
     timed=5,
@@ -75,7 +75,7 @@ DRY_CONFIG = vs_trl.BenchConfig(
     warmup=1,
     timed=1,
 )
-GPU_SWEEP = (1024, 2048, 4096, 8192, 16384, 32768)
+GPU_SWEEP = (2048, 4096, 8192, 16384, 32768, 65536, 131072)  # 141 GB of an H200: TRL's ceiling is far up
 DRY_SWEEP = (64, 128)
 DRY_REL_TOL = 1e-4  # float32 on CPU: tether's and TRL's losses agree as in vs_trl.py
 BF16_REL_TOL = 2e-2  # bf16 autocast: the two libraries round differently
