@@ -331,6 +331,7 @@ def evaluate(
             "output_dir": str(out_dir),
             "cache_dir": str(SHARED / task_name / "samples"),
             "batch_size": sizes.batch_size,
+            "sampler": "generate",  # the sampler of the committed figures (same seed, same samples)
             "progress": False,
         }
     )

@@ -6,6 +6,7 @@ Everything runs on CPU with a one-layer Llama of hidden size 32 and a character-
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
@@ -292,7 +293,7 @@ def test_sampling_cache_hit_skips_generate(tok, tmp_path, monkeypatch) -> None:
     kwargs = dict(
         temperature=1.0, n=3, max_new_tokens=5, seed=7, batch_size=4, cache_dir=str(tmp_path), model_id="m"
     )
-    kwargs["progress"] = False
+    kwargs["progress"], kwargs["sampler"] = False, "generate"
     first = sampling.sample(model, tok, ["ab", "cd"], **kwargs)
     made = calls["n"]
     assert made == 2 and not first.from_cache  # 6 rows in batches of 4
@@ -306,6 +307,208 @@ def test_sampling_cache_hit_skips_generate(tok, tmp_path, monkeypatch) -> None:
     sampling.sample(model, tok, ["ab", "ce"], **kwargs)
     assert calls["n"] == made + 4
     assert len(list(tmp_path.glob("samples-*.jsonl"))) == 3
+
+
+def test_shared_prefix_cache_key_is_its_own(tok, tmp_path, monkeypatch) -> None:
+    """The shared-prefix sampler gives other samples for a seed than `generate`: its runs get their own key,
+    while "generate" keeps the key written before samplers existed (the payload below, by hand)."""
+    model = make_model()
+    kwargs = dict(temperature=1.0, n=3, max_new_tokens=5, seed=7, batch_size=4, progress=False)
+    kwargs.update(cache_dir=str(tmp_path), model_id="m")
+    first = sampling.sample(model, tok, ["ab", "cd"], **kwargs)
+    forwards = {"n": 0}
+    original = model.forward
+
+    def counting(*args, **kw):
+        forwards["n"] += 1
+        return original(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", counting)
+    again = sampling.sample(model, tok, ["ab", "cd"], **kwargs)
+    assert again.from_cache and forwards["n"] == 0 and again.completion_ids == first.completion_ids
+    other = sampling.sample(model, tok, ["ab", "cd"], **{**kwargs, "sampler": "generate"})
+    assert not other.from_cache and forwards["n"] > 0
+    assert len(list(tmp_path.glob("samples-*.jsonl"))) == 2
+    payload = {
+        "format": 1,
+        "model": "m",
+        "weights": [],
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "n": 3,
+        "max_new_tokens": 5,
+        "seed": 7,
+        "batch_size": 4,
+        "prompts": hashlib.sha256(json.dumps(["ab", "cd"]).encode()).hexdigest(),
+    }
+    old_key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    assert sampling.cache_key("m", ["ab", "cd"], 1.0, 1.0, 3, 5, 7, 4, "generate") == old_key
+    assert sampling.cache_key("m", ["ab", "cd"], 1.0, 1.0, 3, 5, 7, 4, "shared_prefix") != old_key
+
+
+def test_shared_prefix_greedy_equals_generate(tok) -> None:
+    """Temperature 0 is deterministic, so both samplers must give the same tokens (prompts of different
+    lengths: the left padding, positions and per-row EOS must all match generate's)."""
+    model = make_model(seed=3)
+    with torch.no_grad():  # sharp attention, so that a wrong position or cache row changes the argmax
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    prompts = ["ab", "hello world", "x", "12+34=", "zz top"]
+    kw = dict(temperature=0, n=2, max_new_tokens=24, batch_size=5, progress=False)
+    # EOS (id 2) takes over the logit of a token that the first prompt's greedy continuation reaches,
+    # so greedy rows end at different steps
+    token = sampling.sample(model, tok, prompts[:1], sampler="generate", **kw).completion_ids[0][0][3]
+    with torch.no_grad():
+        model.lm_head.weight[2] = model.lm_head.weight[token] * 1.01
+    plain = sampling.sample(model, tok, prompts, sampler="generate", **kw)
+    shared = sampling.sample(model, tok, prompts, sampler="shared_prefix", **kw)
+    assert shared.completion_ids == plain.completion_ids
+    lengths = {len(per[0]) for per in plain.completion_ids}
+    assert len(lengths) > 1  # some rows stop at EOS before others: the dropped-row path ran
+
+
+def test_shared_prefix_top_p_tiny_is_greedy_and_max_new_tokens_holds(tok) -> None:
+    """top_p -> 0 keeps only the most likely token at every step, so sampling equals greedy decoding; no
+    EOS id makes every row run exactly max_new_tokens."""
+    model = make_model(seed=3)
+    prompts = ["ab", "hello world", "x"]
+    greedy = sampling.sample(model, tok, prompts, temperature=0, n=4, max_new_tokens=12, progress=False)
+    nucleus = sampling.sample(
+        model, tok, prompts, temperature=1.5, top_p=1e-9, n=4, max_new_tokens=12, batch_size=7, progress=False
+    )
+    assert nucleus.completion_ids == greedy.completion_ids
+    rows = sampling.generate_shared_prefix(
+        model,
+        [tok(p)["input_ids"] for p in prompts],
+        [3, 1, 2],
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=7,
+        eos=set(),
+        pad_id=0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert [len(r) for r in rows] == [7] * 6
+
+
+def test_shared_prefix_finished_rows_leave_the_batch(tok, monkeypatch) -> None:
+    """Each step's forward runs only the rows that have not produced EOS; no token follows an EOS."""
+    model = make_model(seed=3)
+    widths: list[int] = []
+    original = model.forward
+
+    def recording(*args, **kw):
+        widths.append(kw["input_ids"].shape[0])
+        return original(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", recording)
+    prompt = tok("ab")["input_ids"]
+    rows = sampling.generate_shared_prefix(
+        model,
+        [prompt],
+        [64],
+        temperature=2.0,
+        top_p=1.0,
+        max_new_tokens=10,
+        eos={2},
+        pad_id=0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert widths[0] == 1  # one prefill for the prompt's 64 rows
+    alive = [sum(1 for r in rows if len(r) > t and (t == 0 or r[t - 1] != 2)) for t in range(10)]
+    assert widths[1:] == [a for a in alive[1:] if a > 0]  # step t runs exactly the rows still generating
+    assert widths[-1] < 64  # some rows did stop early
+    assert all(2 not in r[:-1] for r in rows) and all(len(r) <= 10 for r in rows)
+
+
+@pytest.mark.parametrize("candidates", [3, 256])
+def test_nucleus_matches_transformers_top_p(monkeypatch, candidates) -> None:
+    """The kept tokens and their weights equal transformers' TopPLogitsWarper's, whether the nucleus is
+    found among the first `candidates` tokens or needs the full sort (3 candidates: most rows do)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 50, generator=g) * torch.tensor([0.5, 2.0, 6.0]).repeat(4)[:, None]
+    probs = logits.softmax(-1)
+    for top_p in (0.05, 0.3, 0.7, 0.9, 0.99):
+        weights, ids = sampling._nucleus(probs, top_p)
+        reference = TopPLogitsWarper(top_p)(None, logits.clone())
+        for row in range(len(logits)):
+            kept = ids[row][weights[row] > 0]
+            assert set(kept.tolist()) == set(torch.isfinite(reference[row]).nonzero().squeeze(1).tolist())
+            assert torch.allclose(weights[row][weights[row] > 0], probs[row, kept])
+
+
+def _chi_square_bound(df: int) -> float:
+    """The 1 - 1e-6 quantile of chi-square(df), Wilson-Hilferty approximation (z = 4.75)."""
+    return df * (1 - 2 / (9 * df) + 4.75 * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom, bins expected below 5 pooled into one."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize("temperature, top_p, candidates", [(1.0, 1.0, 256), (0.7, 0.9, 256), (0.7, 0.9, 2)])
+def test_shared_prefix_samples_the_model_distribution(
+    tok, monkeypatch, temperature, top_p, candidates
+) -> None:
+    """Empirical frequencies of the first and second new token (second: over rows still generating, plus
+    "ended at EOS") against the exact distribution, computed with transformers' own TopPLogitsWarper on the
+    model's logits. The same counts against the distribution at another temperature must fail the bound."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)  # 2: the full-sort path for most rows
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(4 + len(CHARS))).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)  # peaked enough that temperature matters, EOS (id 2) not rare
+    prompts, n = [tok("ab")["input_ids"], tok("hello")["input_ids"]], 3000
+    rows = sampling.generate_shared_prefix(
+        model,
+        prompts,
+        [n, n],
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=2,
+        eos={2},
+        pad_id=0,
+        generator=torch.Generator().manual_seed(1),
+    )
+    vocab = model.config.vocab_size
+
+    def dist(prefix: list[int], t: float) -> np.ndarray:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prefix])).logits[:, -1].double()
+        scores = TopPLogitsWarper(top_p)(None, logits / t) if top_p < 1 else logits / t
+        return scores.softmax(-1)[0].numpy()
+
+    for p, prompt in enumerate(prompts):
+        mine = rows[p * n : (p + 1) * n]
+        for t, power in ((temperature, True), (temperature * 1.5, False)):
+            first = dist(prompt, t)
+            second = np.zeros(vocab + 1)  # index vocab = ended at EOS after one token
+            second[vocab] = first[2]
+            for v in np.flatnonzero(first > 0):
+                if v != 2:
+                    second[:vocab] += first[v] * dist(prompt + [int(v)], t)
+            c1 = np.bincount([r[0] for r in mine], minlength=vocab)
+            c2 = np.bincount([r[1] if len(r) > 1 else vocab for r in mine], minlength=vocab + 1)
+            for counts, probs in ((c1, first), (c2, second)):
+                stat, df = _chi_square(counts, probs)
+                if power:
+                    assert stat < _chi_square_bound(df), (p, stat, df)
+            if not power:  # the test can tell temperature t from 1.5 t, at either position
+                for counts, probs in ((c1, first), (c2, second)):
+                    stat, df = _chi_square(counts, probs)
+                    assert stat > _chi_square_bound(df), (p, stat, df)
 
 
 def test_sampling_is_seeded_and_greedy_repeats(tok) -> None:
@@ -391,6 +594,10 @@ def test_config_yaml_overrides_and_errors(tmp_path) -> None:
         load_config(str(path), ["top_p=1.5"])
     with pytest.raises(ConfigError, match="n_samples"):
         load_config(str(path), ["n_samples=many"])
+    assert load_config(str(path), []).sampler == "shared_prefix"
+    assert load_config(str(path), ["sampler=generate"]).sampler == "generate"
+    with pytest.raises(ConfigError, match="sampler"):
+        load_config(str(path), ["sampler=beam"])
     with pytest.raises(ConfigError, match=r"temperatures\[1\]"):
         load_config(str(path), ["temperatures=[0.5, hot]"])
     with pytest.raises(ConfigError, match="k"):
@@ -471,6 +678,14 @@ def test_run_eval_end_to_end(saved_models, tmp_path) -> None:
         again["models"]["other"]["temperatures"]["1"]["pass@k"]
         == on_disk["models"]["other"]["temperatures"]["1"]["pass@k"]
     )
+    caches = list((tmp_path / "out" / "samples").glob("samples-*.jsonl"))
+    headers = [json.loads(path.read_text().splitlines()[0])["meta"] for path in caches]
+    # 2 model folders ("same" is the reference folder) x 2 temperatures, all with the config's default sampler
+    assert len(headers) == 4 and {h["sampler"] for h in headers} == {"shared_prefix"}
+    cfg.sampler = "generate"  # another sampler: other samples, so no cache hit
+    third = runner.run_eval(cfg)
+    for name in ("reference", "other"):  # "same" reads the reference's fresh samples: the same folder
+        assert not any(m["from_cache"] for m in third["models"][name]["temperatures"].values()), name
 
 
 def test_main_with_yaml_and_a_task(saved_models, tmp_path, monkeypatch, capsys) -> None:

@@ -554,6 +554,7 @@ def _evaluate(
             "diversity_unit": diversity_unit,
             "output_dir": str(out / "eval"),
             "batch_size": batch_size,
+            "sampler": "generate",  # the sampler of the committed figures (same seed, same samples)
             "progress": progress,
         }
     )

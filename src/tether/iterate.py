@@ -138,10 +138,10 @@ def _has_key(tree: dict[str, Any], dotted: str) -> bool:
 
 def load_iterate_config(path: str | Path, overrides: list[str] | None = None) -> IterateConfig:
     """An IterateConfig from YAML with key=value overrides (`train.objective.name=hdpo`), validated."""
-    return configfrom_dict(read_config_dict(path, overrides))
+    return config_from_dict(read_config_dict(path, overrides))
 
 
-def configfrom_dict(data: dict[str, Any]) -> IterateConfig:
+def config_from_dict(data: dict[str, Any]) -> IterateConfig:
     """Unknown keys are refused by name; the `train` section is checked as a `tether train` config."""
     data = dict(data)
     train = data.pop("train", None) or {}

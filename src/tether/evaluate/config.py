@@ -52,7 +52,8 @@ class EvalConfig:
     reward: str | Callable[[str, str], float] | None = None  # task | module:function | reward-model folder
     output_dir: str = "eval_out"  # eval.json and the PNG plots go here
     cache_dir: str | None = None  # sample cache; None = <output_dir>/samples
-    batch_size: int = 16  # sequences per generate call
+    batch_size: int = 16  # sequences sampled at once (and reward-model batch)
+    sampler: Literal["shared_prefix", "generate"] = "shared_prefix"  # decoding loop; see docs/evaluate.md
     use_chat_template: bool = True  # format prompts with the tokenizer's chat template when it has one
     diversity_unit: Literal["word", "char"] = "word"  # units of distinct-n and edit distance
     device: str = "auto"  # "auto" = cuda if available else cpu; or any torch device string

@@ -265,6 +265,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                 cache_dir=cache_dir,
                 model_id=os.path.abspath(path),
                 progress=cfg.progress,
+                sampler=cfg.sampler,
             )
             for t in cfg.temperatures
         }

@@ -9,18 +9,32 @@ Sampling draws from the temperature-scaled distribution with nucleus `top_p` onl
 penalty, min-p and typical-p from the model's own generation_config are switched off, so that pass@k and
 diversity measure the model and not a decoding default.
 
-Seeds: batch b is generated under `torch.manual_seed(seed + 1_000_003 * b)` inside `torch.random.fork_rng`,
-so results are reproducible for a fixed batch size and the caller's RNG state is left untouched.
+Two samplers draw from that same distribution (`sampler`):
+- "shared_prefix" (the default): tether's own decoding loop. A batch's distinct prompts are prefilled once
+  and their KV cache is copied to each of their rows (a prompt's n samples share one prefill); a row that
+  has produced EOS leaves the batch, so later steps only run the rows still generating. Each step scales the
+  float32 logits by 1/temperature, keeps the top_p nucleus by transformers' TopPLogitsWarper rule (a token
+  stays when the tokens more likely than it hold less than top_p; the most likely always stays), found among
+  the 256 most likely tokens by `topk` (a full sort only for rows whose nucleus is larger), and draws one
+  token per row by inverse CDF with a uniform from a `torch.Generator` seeded with `seed + 1_000_003 * b` for
+  batch b. Against `generate`'s full sort and `torch.multinomial` only float rounding differs.
+- "generate": `model.generate` on the left-padded rows, batch b under `torch.manual_seed(seed +
+  1_000_003 * b)` inside `torch.random.fork_rng`.
+Both are reproducible for a fixed batch size and leave the caller's RNG state untouched. They consume
+random numbers differently, so the same seed gives different (equally distributed) samples; greedy
+decoding gives the same tokens with both.
 
 Cache: with `cache_dir`, a run is stored as `samples-<key>.jsonl`, the key a SHA-256 over (model id and,
 for a local folder, the names, sizes and mtimes of its weight files; temperature; top_p; n;
-max_new_tokens; seed; batch size; the formatted prompts). A run whose file exists is read back, not
+max_new_tokens; seed; batch size; the formatted prompts; the sampler, except for "generate", whose keys are
+those written before the shared-prefix sampler existed). A run whose file exists is read back, not
 regenerated. The file's first line is a header {"key", "meta"}; then one line per prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -34,6 +48,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from tether.files import atomic_write
 
 CACHE_FORMAT = 1
+SAMPLERS = ("shared_prefix", "generate")
 
 
 @dataclass
@@ -130,8 +145,12 @@ def cache_key(
     max_new_tokens: int,
     seed: int,
     batch_size: int,
+    sampler: str = "generate",
 ) -> str:
-    """SHA-256 hex key of everything that determines a run's samples (see the module docstring)."""
+    """SHA-256 hex key of everything that determines a run's samples (see the module docstring).
+
+    sampler "generate" leaves the payload as it was before samplers existed, so its old caches stay valid.
+    """
     prompts_hash = hashlib.sha256(json.dumps(list(formatted_prompts)).encode()).hexdigest()
     payload = {
         "format": CACHE_FORMAT,
@@ -145,6 +164,8 @@ def cache_key(
         "batch_size": int(batch_size),
         "prompts": prompts_hash,
     }
+    if sampler != "generate":
+        payload["sampler"] = sampler
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -212,6 +233,125 @@ def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids
 
 
+NUCLEUS_CANDIDATES = 256  # most likely tokens searched first for the top_p nucleus (then a full sort)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top_p nucleus of each row of probs (R, V): (weights (R, K), token ids (R, K)), most likely first.
+
+    Token i is kept when the mass of the tokens ranked above it is below top_p: the rule of transformers'
+    TopPLogitsWarper (drop i when the ascending cumulative mass up to i is <= 1 - top_p), so the most likely
+    token always stays. Rows whose nucleus fits in the first NUCLEUS_CANDIDATES tokens (found with topk, much
+    cheaper than sorting the vocabulary) are resolved there; the others are sorted in full.
+    """
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, ids = probs.topk(k, dim=-1)
+    open_rows = (top.sum(-1) < top_p).nonzero().squeeze(1)  # a token beyond the k-th may be in the nucleus
+    if len(open_rows):
+        full, full_ids = probs[open_rows].sort(dim=-1, descending=True)
+        top = torch.cat([top, top.new_zeros(len(top), probs.shape[-1] - k)], dim=1)
+        ids = torch.cat([ids, ids.new_zeros(len(ids), probs.shape[-1] - k)], dim=1)
+        top[open_rows], ids[open_rows] = full, full_ids
+    above = top.cumsum(-1) - top
+    return top * (above < top_p), ids
+
+
+def _next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """One token per row from float32 logits (R, V): argmax at temperature 0, else a draw from the
+    temperature-scaled distribution restricted to its top_p nucleus (transformers' TemperatureLogitsWarper
+    then TopPLogitsWarper), by inverse CDF: u ~ U[0, 1) times the kept mass, the first token whose
+    cumulative weight exceeds it (one uniform per row; faster than torch.multinomial on CPU)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = (logits / temperature).softmax(dim=-1)
+    if top_p < 1.0:
+        weights, ids = _nucleus(probs, top_p)
+    else:
+        weights, ids = probs, None
+    cdf = weights.double().cumsum(dim=-1)
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return pick.squeeze(1) if ids is None else ids.gather(1, pick).squeeze(1)
+
+
+@torch.no_grad()
+def generate_shared_prefix(
+    model: PreTrainedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    repeats: Sequence[int],
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    eos: set[int],
+    pad_id: int,
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """Completions of `repeats[i]` rows per prompt i, each up to and including its first EOS.
+
+    The P prompts are left-padded and prefilled once; the cache, attention mask and positions are then
+    copied to sum(repeats) rows, prompt i's rows consecutive. A row leaves the batch once it has produced an
+    EOS id; at most max_new_tokens tokens per row. Positions follow `generate`'s (attention-mask cumsum).
+    Returns (sum(repeats), L_r) token ids, rows in order.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    input_ids, mask = left_pad(prompt_ids, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    # logits of the last position only, where the model supports it (remote-code models may not)
+    last_only = (
+        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        **last_only,
+    )
+    expand = torch.repeat_interleave(
+        torch.arange(len(prompt_ids), device=device), torch.tensor(list(repeats), device=device)
+    )
+    logits = out.logits[:, -1].float()[expand]
+    cache.batch_select_indices(expand)
+    mask, last_pos = mask[expand], positions[expand, -1:]
+    rows = torch.arange(len(expand), device=device)  # original row index of each active row
+    eos_ids = torch.tensor(sorted(eos), device=device, dtype=torch.long)
+    tokens: list[torch.Tensor] = []  # step t: (sum(repeats),) the token of each row, -1 once it ended
+    for step in range(max_new_tokens):
+        new = _next_tokens(logits, temperature, top_p, generator)
+        column = torch.full((len(expand),), -1, dtype=torch.long, device=device)
+        column[rows] = new
+        tokens.append(column)
+        if step == max_new_tokens - 1:
+            break
+        alive = ~torch.isin(new, eos_ids)
+        if not bool(alive.all()):
+            if not bool(alive.any()):
+                break
+            keep = alive.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, new, mask, last_pos = rows[keep], new[keep], mask[keep], last_pos[keep]
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        last_pos = last_pos + 1
+        out = model(
+            input_ids=new[:, None],
+            attention_mask=mask,
+            position_ids=last_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1].float()
+    table = torch.stack(tokens, dim=1).tolist()
+    return [[t for t in row if t >= 0] for row in table]
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -228,6 +368,7 @@ def sample(
     cache_dir: str | None = None,
     model_id: str | None = None,
     progress: bool = True,
+    sampler: str = "shared_prefix",
 ) -> SampleSet:
     """n completions per prompt at one temperature (0 = greedy), read from the cache when present.
 
@@ -238,11 +379,14 @@ def sample(
         seed: base seed; batch_size: rows (prompt copies) per `generate` call.
         cache_dir: folder of JSONL caches, None for no cache; model_id: the cache's model identity
             (defaults to the model's `name_or_path`, which must then be non-empty).
+        sampler: "shared_prefix" (tether's loop) or "generate" (`model.generate`); see the module docstring.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if n < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(
             f"n, batch_size and max_new_tokens must be >= 1, got {n}, {batch_size}, {max_new_tokens}"
@@ -258,12 +402,15 @@ def sample(
         "seed": seed,
         "batch_size": batch_size,
         "chat_template": templated,
+        "sampler": sampler,
     }
     key = path = None
     if cache_dir is not None:
         if not meta["model"]:
             raise ValueError("sample: caching needs a model_id (the model has no name_or_path)")
-        key = cache_key(meta["model"], formatted, temperature, top_p, n, max_new_tokens, seed, batch_size)
+        key = cache_key(
+            meta["model"], formatted, temperature, top_p, n, max_new_tokens, seed, batch_size, sampler
+        )
         path = _cache_path(cache_dir, key)
         cached = _read_cache(path, key, len(prompts))
         if cached is not None:
@@ -283,15 +430,30 @@ def sample(
     try:
         for b, start in enumerate(tqdm(batches, desc=f"sampling T={temperature:g}", disable=not progress)):
             rows = flat[start : start + batch_size]
-            input_ids, attention_mask = left_pad([prompt_ids[i] for i, _ in rows], pad_id)
-            with torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(seed + 1_000_003 * b)
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=gen_config,
+            if sampler == "shared_prefix":
+                distinct = sorted({i for i, _ in rows})  # rows of one prompt are consecutive in `flat`
+                generator = torch.Generator(device=device).manual_seed(seed + 1_000_003 * b)
+                new = generate_shared_prefix(
+                    model,
+                    [prompt_ids[i] for i in distinct],
+                    [sum(1 for i, _ in rows if i == d) for d in distinct],
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                    eos=eos,
+                    pad_id=pad_id,
+                    generator=generator,
                 )
-            new = out[:, input_ids.shape[1] :].tolist()
+            else:
+                input_ids, attention_mask = left_pad([prompt_ids[i] for i, _ in rows], pad_id)
+                with torch.random.fork_rng(devices=rng_devices):
+                    torch.manual_seed(seed + 1_000_003 * b)
+                    out = model.generate(
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention_mask.to(device),
+                        generation_config=gen_config,
+                    )
+                new = out[:, input_ids.shape[1] :].tolist()
             for (i, _), ids in zip(rows, new):
                 outputs[i].append(_cut_at_eos(ids, eos))
     finally:
