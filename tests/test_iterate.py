@@ -260,6 +260,7 @@ def test_prompt_files_with_exact_match(initial_model, tmp_path):
         verifier="exact_match",
     )
     data["eval"]["prompts"] = str(write(tmp_path / "held_out.jsonl", task.make_prompts(8, seed=6)))
+    data["sample"]["n"] = 8  # the same 16 prompts every round: enough samples that round 2 still has pairs
     iterate(config_from_dict(data))
     for r in (1, 2):
         samples = _lines(tmp_path / "run" / f"round-{r:03d}" / "samples.jsonl")
