@@ -9,9 +9,9 @@
 4. Evaluate every policy and the reference with `tether.evaluate` (pass@k over a temperature grid, unique
    answers, policy entropy, sequential KL to the reference), write plots and a Markdown report.
 
-Nothing is downloaded. On 2 CPU cores the default run takes about 2 minutes (measured 98 s: SFT 15 s, pairs
-2 s, five trainings 41 s, evaluation 34 s) and `quick=True` about 30 s (measured 26 s); both stay far under the
-10- and 2-minute targets on a busy machine. torch runs on one thread for the tiny model.
+Nothing is downloaded. On 2 CPU cores the default run takes about 2-3 minutes (measured 98 s on an idle machine
+on 2026-12-02; 187 s on 2026-12-03 with the test suite running beside it) and `quick=True` under a minute.
+torch runs on one thread for the tiny model.
 
 `run_demo(model_path=FOLDER)` (`tether demo --model FOLDER`) runs the same pipeline on a pretrained chat model
 instead, a local Hugging Face folder with a chat template (SmolLM2-135M-Instruct, converted from its GGUF
