@@ -161,38 +161,18 @@ def _train_trl(spec: dict) -> list[float]:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     workdir = Path(spec["workdir"])
     dataset = load_dataset("json", data_files=spec["data"], split="train", cache_dir=str(workdir / "hf"))
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     on_gpu = torch.cuda.is_available()
-    args = DPOConfig(
-        output_dir=str(workdir / "out"),
-        per_device_train_batch_size=spec["pairs_per_step"],
-        gradient_accumulation_steps=1,
-        learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        max_steps=spec["steps"],
-        beta=spec["beta"],
-        loss_type=["sigmoid"],
-        max_length=spec["max_length"],
-        precompute_ref_log_probs=spec["ref"] == "cache",
+    args = vs_trl.trl_args(
+        spec,
         gradient_checkpointing=False,
-        train_sampling_strategy="sequential",
-        seed=spec["seed"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         use_cpu=not on_gpu,
         bf16=spec["mixed_precision"] == "bf16",
-        fp16=False,
         use_liger_kernel=spec["liger"],
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)

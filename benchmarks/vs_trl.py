@@ -339,20 +339,13 @@ def _run_tether(spec: dict, probe_box: list) -> dict:
     }
 
 
-def _run_trl(spec: dict, probe_box: list) -> dict:
-    import torch
-    import trl
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+def trl_args(spec: dict, **changes):
+    """TRL's DPOConfig for a run spec: the same schedule, loss and data order as tether's run; float32 on CPU
+    unless `changes` (DPOConfig fields) say otherwise."""
+    from trl import DPOConfig
 
-    probe_box.append(StepProbe(torch.optim.AdamW))
-    workdir = Path(spec["workdir"])
-    dataset = load_dataset("json", data_files=spec["data"], split="train", cache_dir=str(workdir / "hf"))
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    args = DPOConfig(
-        output_dir=str(workdir / "out"),
+    fields = dict(
+        output_dir=str(Path(spec["workdir"]) / "out"),
         per_device_train_batch_size=spec["pairs_per_step"],
         gradient_accumulation_steps=1,
         learning_rate=spec["lr"],
@@ -377,6 +370,22 @@ def _run_trl(spec: dict, probe_box: list) -> dict:
         bf16=False,  # TRL's default is bf16 autocast; both libraries run float32 here
         fp16=False,
     )
+    return DPOConfig(**{**fields, **changes})
+
+
+def _run_trl(spec: dict, probe_box: list) -> dict:
+    import torch
+    import trl
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    probe_box.append(StepProbe(torch.optim.AdamW))
+    workdir = Path(spec["workdir"])
+    dataset = load_dataset("json", data_files=spec["data"], split="train", cache_dir=str(workdir / "hf"))
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    args = trl_args(spec)
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     losses, real, response = [], [], []
     compute_loss = trainer.compute_loss
