@@ -29,7 +29,18 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume)
     if result.main_process:
         print(f"[tether] done: {result.steps} steps, final model in {result.final_model}")
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """The command owns its processes: tear the process group down (every rank is past train()'s last
+    barrier) rather than leave its communication threads to interpreter exit, where a rank of a gloo run was
+    seen to abort ("terminate called without an active exception") after a complete run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace) -> int:
