@@ -110,9 +110,22 @@ def test_review_prompts_are_deterministic_and_vary():
 
 
 def test_chat_tasks_are_found_by_name_and_by_tether_eval():
-    assert set(CHAT_TASKS) == {"count", "review"}
+    assert set(CHAT_TASKS) == {"count", "count_from_one", "review"}
     assert get_chat_task("count") is CHAT_TASKS["count"]
     assert get_task("review") is CHAT_TASKS["review"]  # `tether eval` task: review
     assert get_task("reverse").name == "reverse"  # toy tasks still resolve
-    with pytest.raises(KeyError, match="known: \\['count', 'review'\\]"):
+    with pytest.raises(KeyError, match="known: \\['count', 'count_from_one', 'review'\\]"):
         get_chat_task("addition")
+
+
+def test_count_from_one_asks_from_1_to_10_to_15_and_verifies_like_count():
+    """count_from_one: a = 1 and 10-15 numbers, so b in 10..15 (6 distinct prompts); the verifier is count's."""
+    task = get_chat_task("count_from_one")
+    prompts = task.make_prompts(64, seed=0)
+    assert {task.bounds(p) for p in prompts} <= {(1, b) for b in range(10, 16)}
+    assert len(set(prompts)) > 1
+    assert prompts == task.make_prompts(64, seed=0)
+    prompt = "List the whole numbers from 1 to 12, separated by commas."
+    assert task.verify(prompt, "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")
+    assert not task.verify(prompt, "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")  # stops early
+    assert not task.verify(prompt, "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13")  # overruns

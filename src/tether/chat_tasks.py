@@ -156,7 +156,25 @@ class ReviewTask:
         return examples
 
 
-CHAT_TASKS: dict[str, CountTask | ReviewTask] = {task.name: task for task in (CountTask(), ReviewTask())}
+class CountFromOneTask(CountTask):
+    """`count` from 1: "List the whole numbers from 1 to b, separated by commas.", b in 10..15 (6 prompts).
+
+    The calibrated task of docs/real_tasks.md: SmolLM2-135M-Instruct's pass@1 at T=1 (top_k off, top_p 1,
+    64 new tokens, chat template) was 0.258 with `tether eval examples/eval_count.yaml task=count_from_one`
+    (32 prompts x 8 samples; 0.195 in a first probe with another sampling seed), against 0.059 for `count`
+    and 0.117 with a start drawn from 1..9. Right answers are 20-75 tokens (median 45). Only 6 distinct
+    prompts: a test bed for one model's pass rate, not a data set of varied prompts.
+    """
+
+    name = "count_from_one"
+    LOW: ClassVar[int] = 1
+    HIGH: ClassVar[int] = 1
+    COUNT: ClassVar[tuple[int, int]] = (10, 15)
+
+
+CHAT_TASKS: dict[str, CountTask | ReviewTask] = {
+    task.name: task for task in (CountTask(), CountFromOneTask(), ReviewTask())
+}
 
 
 def get_chat_task(name: str) -> CountTask | ReviewTask:
