@@ -352,26 +352,39 @@ def pair_kl(model_dir: Path, task_name: str, pairs: Sequence[tuple[str, str, str
     TDPO's D(x, y) summed over the response tokens and <eos>, as in training, with `tether.evaluate`'s
     chunked scorer; this gives the same quantity for DPO, which does not log it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from tether.evaluate.likelihood import score_sequences
-    from tether.toy.sft import encode_prompt
 
     ref_dir = shared_reference(task_name)
-    tokenizer = AutoTokenizer.from_pretrained(ref_dir)
+    tokenizer, prompt_ids, responses = encode_pairs(task_name, pairs)
     policy = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
     reference = AutoModelForCausalLM.from_pretrained(ref_dir, use_safetensors=True).eval()
-    prompt_ids = [encode_prompt(tokenizer, p) for p, _, _ in pairs]
     out = []
-    for column in (1, 2):
-        completion_ids = [
-            tokenizer(row[column], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for row in pairs
-        ]
+    for completion_ids in responses:
         with torch.no_grad():
             stats = score_sequences(policy, prompt_ids, completion_ids, tokenizer.pad_token_id, reference)
         out.append(float(stats.kl_forward.mean()))
     return out[0], out[1]
+
+
+def encode_pairs(task_name: str, pairs: Sequence[tuple[str, str, str]]) -> tuple[Any, list, list]:
+    """(tokenizer, prompt ids, [chosen ids, rejected ids]) of `pairs` with the shared reference's tokenizer:
+    the templated prompt, and each response's tokens plus <eos>, as in training."""
+    from transformers import AutoTokenizer
+
+    from tether.toy.sft import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_reference(task_name))
+    prompt_ids = [encode_prompt(tokenizer, p) for p, _, _ in pairs]
+    responses = [
+        [
+            tokenizer(row[column], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for row in pairs
+        ]
+        for column in (1, 2)
+    ]
+    return tokenizer, prompt_ids, responses
 
 
 def eval_table(evaluation: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:

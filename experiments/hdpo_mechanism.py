@@ -42,20 +42,14 @@ SATURATED = 0.9  # a pair whose sigma(h) exceeds this gives little gradient: its
 
 def sequence_logps(model_dir: Path, pairs: Sequence[tuple[str, str, str]]) -> tuple[list[float], list[float]]:
     """Sequence log-probs of the chosen and the rejected responses (response tokens and <eos>, as in training)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from tether.evaluate.likelihood import score_sequences
-    from tether.toy.sft import encode_prompt
 
-    tokenizer = AutoTokenizer.from_pretrained(c.shared_reference(TASK))
+    tokenizer, prompt_ids, responses = c.encode_pairs(TASK, pairs)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
-    prompt_ids = [encode_prompt(tokenizer, p) for p, _, _ in pairs]
     out = []
-    for column in (1, 2):
-        completion_ids = [
-            tokenizer(row[column], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for row in pairs
-        ]
+    for completion_ids in responses:
         with torch.no_grad():
             out.append(
                 score_sequences(model, prompt_ids, completion_ids, tokenizer.pad_token_id).logps.tolist()
