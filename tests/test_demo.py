@@ -278,3 +278,24 @@ def test_demo_refuses_a_model_folder_without_a_config(tmp_path):
 
     with pytest.raises(ConfigError, match="no config.json"):
         run_demo(tmp_path / "out", progress=False, model_path=tmp_path)
+
+
+def test_demo_task_is_checked_before_any_work(tmp_path):
+    """--task: only with --model, only a known chat task, only a verifiable one (pairs need a verifier);
+    refused before a model is loaded or a file written."""
+    from tether.config import ConfigError
+    from tether.demo import run_demo
+    from tether.toy.model import build_tiny_llama
+    from tether.toy.tokenizer import build_tokenizer
+
+    with pytest.raises(ConfigError, match="goes with --model"):
+        run_demo(tmp_path / "toy", progress=False, task="count")
+    model_dir = tmp_path / "pretrained"
+    tokenizer = build_tokenizer()
+    build_tiny_llama(tokenizer, seed=0).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    with pytest.raises(ConfigError, match=r"unknown chat task 'nope'.*count_from_one"):
+        run_demo(tmp_path / "a", progress=False, model_path=model_dir, task="nope")
+    with pytest.raises(ConfigError, match="'review' has a reward, not a verifier"):
+        run_demo(tmp_path / "b", progress=False, model_path=model_dir, task="review")
+    assert not any((tmp_path / name).exists() for name in ("toy", "a", "b"))

@@ -4,7 +4,7 @@
 tether train CONFIG.yaml [key=value ...] [--resume] [--explain]
 tether eval CONFIG.yaml [key=value ...]
 tether iterate CONFIG.yaml [key=value ...] [--resume]
-tether demo [--quick] [--output DIR] [--seed N] [--model FOLDER|smollm2]
+tether demo [--quick] [--output DIR] [--seed N] [--model FOLDER|smollm2 [--task NAME]]
 tether convert-gguf FILE.gguf OUT_DIR [--dtype float32]
 tether model smollm2 [--cache-dir DIR]
 """
@@ -79,6 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         seed=args.seed,
         model_path=model_path,
+        task=args.task,
     )
     print(f"[tether] demo report: {report}")
     return 0
@@ -181,7 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FOLDER",
         help="run on this pretrained chat model (a local Hugging Face folder with a chat template, or"
-        " 'smollm2' for `tether model smollm2`'s folder) instead of the toy model: no SFT, the chat task 'count'",
+        " 'smollm2' for `tether model smollm2`'s folder) instead of the toy model: no SFT, a chat task",
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help="with --model: the verifiable chat task of tether.chat_tasks for pairs and evaluation"
+        " (default: count; count_from_one is the calibrated one, see docs/real_tasks.md)",
     )
     p.set_defaults(func=_demo)
 

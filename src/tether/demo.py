@@ -93,6 +93,7 @@ def run_demo(
     progress: bool = True,
     model_path: str | Path | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> Path:
     """Run the demo pipeline into output_dir; returns the path of the Markdown report.
 
@@ -100,6 +101,8 @@ def run_demo(
     chat template), which becomes the reference (no SFT).
     seed: one replicate of the whole pipeline (SFT, pair sampling, training order); 0 is the default run,
     whose figures the README shows. The evaluation prompts and sampling seed are the same for every seed.
+    task: with model_path, the verifiable chat task of `tether.chat_tasks` for pairs and evaluation
+    (default PRETRAINED_TASK); the toy demo has one task and refuses another.
     """
     import torch
     from transformers.utils import logging as hf_logging
@@ -110,10 +113,16 @@ def run_demo(
         torch.set_num_threads(1)
     if not progress:
         hf_logging.disable_progress_bar()  # transformers' loading / saving bars
+    if model_path is None and task is not None:
+        from tether.config import ConfigError
+
+        raise ConfigError("demo --task: the toy demo has one task; --task goes with --model")
     try:
         if model_path is not None:
             sizes = PRETRAINED_QUICK if quick else PRETRAINED
-            return _run_pretrained(Path(output_dir), Path(model_path), sizes, quick, progress, seed)
+            return _run_pretrained(
+                Path(output_dir), Path(model_path), sizes, quick, progress, seed, task or PRETRAINED_TASK
+            )
         return _run(Path(output_dir), QUICK if quick else FULL, quick, progress, seed)
     finally:
         torch.set_num_threads(threads)
@@ -238,9 +247,16 @@ def _run(out: Path, sizes: DemoSizes, quick: bool, progress: bool, seed: int) ->
 
 
 def _run_pretrained(
-    out: Path, model_dir: Path, sizes: PretrainedSizes, quick: bool, progress: bool, seed: int
+    out: Path,
+    model_dir: Path,
+    sizes: PretrainedSizes,
+    quick: bool,
+    progress: bool,
+    seed: int,
+    task_name: str,
 ) -> Path:
-    """The demo on a pretrained chat model: the model is the reference; pairs and eval on `count`."""
+    """The demo on a pretrained chat model: the model is the reference; pairs and eval on a verifiable chat
+    task (`count` by default)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -255,8 +271,16 @@ def _run_pretrained(
         raise ConfigError(
             f"demo --model: the tokenizer in {model_dir} has no chat template; the demo needs one"
         )
+    try:
+        task = get_chat_task(task_name)
+    except KeyError as exc:
+        raise ConfigError(f"demo --task: {exc.args[0]}") from None
+    if not hasattr(task, "verify"):
+        raise ConfigError(
+            f"demo --task: {task_name!r} has a reward, not a verifier; the demo needs a verifiable task"
+            " (pairs are chosen = verified right, rejected = wrong)"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    task = get_chat_task(PRETRAINED_TASK)
     timings: dict[str, float] = {}
 
     # 1. The reference is the model as given: no SFT.
@@ -320,12 +344,16 @@ def _run_pretrained(
         temperatures=(1.0,),
         max_new_tokens=task.max_new_tokens,
         diversity_unit="word",
-        batch_size=sizes.eval_prompts * sizes.eval_samples,  # one generate call per model
+        batch_size=sizes.eval_prompts * sizes.eval_samples,  # one sampling call per model
+        # tether eval's default sampler: each prompt prefilled once, its KV cache shared by its samples
+        # (benchmarks/sampling.py: about 2x plain generate on SmolLM2). Same distribution, other draws.
+        sampler="shared_prefix",
     )
     timings["eval"] = time.perf_counter() - t0
     figures = _plot_training(out, runs)
     summary = {
         "model": str(model_dir),
+        "task": task.name,
         "quick": quick,
         "sizes": sizes.__dict__,
         "seed": seed,
@@ -339,9 +367,10 @@ def _run_pretrained(
     intro = [
         "# tether demo on a pretrained model",
         "",
-        f"Model: `{model_dir}`, the reference as given (no SFT). Task: list the whole numbers from a to b",
-        "(`tether.chat_tasks.CountTask`, 6-10 two-digit numbers), chat template on, checked by its verifier;",
-        "preference pairs are the reference's own samples at T=1, labelled by the verifier (chosen = correct).",
+        f"Model: `{model_dir}`, the reference as given (no SFT). Task `{task.name}`:"
+        f" {_first_line(type(task).__doc__)}",
+        "Chat template on, answers checked by the task's verifier; preference pairs are the reference's own",
+        "samples at T=1, labelled by the verifier (chosen = correct).",
         "",
         f"- pairs: {p.num_pairs} from {p.num_prompts} prompts x {p.samples_per_prompt} samples"
         f" ({p.skipped_all_tied} prompts gave no pair: all samples right or all wrong;"
@@ -533,6 +562,7 @@ def _evaluate(
     max_new_tokens: int,
     diversity_unit: str,
     batch_size: int,
+    sampler: str = "generate",  # the toy demo's committed figures were sampled so (same seed, same samples)
 ) -> dict[str, Any]:
     """`tether eval` on the reference and every trained policy (pass@k, diversity, entropy, KL)."""
     from tether.evaluate.config import config_from_dict
@@ -554,11 +584,15 @@ def _evaluate(
             "diversity_unit": diversity_unit,
             "output_dir": str(out / "eval"),
             "batch_size": batch_size,
-            "sampler": "generate",  # the sampler of the committed figures (same seed, same samples)
+            "sampler": sampler,
             "progress": progress,
         }
     )
     return run_eval(config)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc else "(no description)"
 
 
 def _fmt(value: Any) -> str:
