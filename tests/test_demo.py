@@ -211,6 +211,7 @@ class _EvenLengthTask:
     """Stands in for the chat task 'count' on a tiny random model: correct = an even number of characters."""
 
     name = "count"
+    description = "write an even number of characters"
     max_new_tokens = 8
 
     def make_prompts(self, n, seed):

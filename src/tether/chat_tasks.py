@@ -11,10 +11,10 @@
   IMDb positive-sentiment setting): "Write a short review of a pizza restaurant." The reward is
   (#positive - #negative) / #words of the completion, in [-1, 1], from fixed lexicons.
 
-Both follow the toy tasks' interface (`tether.toy.tasks.Task`): `name`, `max_new_tokens`,
+They follow the toy tasks' interface (`tether.toy.tasks.Task`): `name`, `max_new_tokens`,
 `make_prompts(n, seed)`, `sft_examples(n, seed)`, `reward(prompt, completion)`; `CountTask` also has
-`verify` and `reference_answer`. Prompts and completions are plain text; whoever tokenizes them applies
-the chat template. Everything is a pure function of its arguments; the seed fixes the sample.
+`verify` and `reference_answer`, and each a one-line `description` (the demo's report prints it). Prompts
+and completions are plain text; whoever tokenizes them applies the chat template. Everything is a pure function of its arguments; the seed fixes the sample.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class CountTask:
     """List the whole numbers from a to b: a uniform in [LOW, HIGH], COUNT[0]..COUNT[1] numbers, b <= 99."""
 
     name = "count"
+    description: ClassVar[str] = "list the 6 to 10 consecutive two-digit whole numbers from a to b"
     # A 10-number numbered list ("1. 58\n2. 59\n...") takes about 60 tokens; a comma list at most 38 (+ <eos>).
     max_new_tokens: int = 64
     LOW: ClassVar[int] = 10
@@ -103,6 +104,7 @@ class ReviewTask:
     """
 
     name = "review"
+    description: ClassVar[str] = "write a short review; reward = lexicon sentiment in [-1, 1]"
     max_new_tokens: int = 48
     POSITIVE: ClassVar[frozenset[str]] = frozenset(
         "good great excellent amazing wonderful fantastic delicious friendly beautiful perfect love loved "
@@ -167,6 +169,7 @@ class CountFromOneTask(CountTask):
     """
 
     name = "count_from_one"
+    description: ClassVar[str] = "list the whole numbers from 1 to b, b in 10..15 (6 distinct prompts)"
     LOW: ClassVar[int] = 1
     HIGH: ClassVar[int] = 1
     COUNT: ClassVar[tuple[int, int]] = (10, 15)

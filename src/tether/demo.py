@@ -367,8 +367,7 @@ def _run_pretrained(
     intro = [
         "# tether demo on a pretrained model",
         "",
-        f"Model: `{model_dir}`, the reference as given (no SFT). Task `{task.name}`:"
-        f" {_first_line(type(task).__doc__)}",
+        f"Model: `{model_dir}`, the reference as given (no SFT). Task `{task.name}`: {task.description}.",
         "Chat template on, answers checked by the task's verifier; preference pairs are the reference's own",
         "samples at T=1, labelled by the verifier (chosen = correct).",
         "",
@@ -589,10 +588,6 @@ def _evaluate(
         }
     )
     return run_eval(config)
-
-
-def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0] if doc else "(no description)"
 
 
 def _fmt(value: Any) -> str:
