@@ -513,6 +513,9 @@ def section_real_demo(results: dict[str, Any]) -> list[str]:
         *claim_lines(m.claims(results)),
         "With 8 samples of each of 8 prompts per model and seed, a pass@1 has a standard error of about 0.05"
         " within a seed; pass@8 is close to 1 for every trained model, so claim 5 cannot separate them at this k.",
+    ]
+
+
 def section_iterate(results: dict[str, Any]) -> list[str]:
     m = iterate_study
     sizes, k = results["sizes"], m.kmax(results)
