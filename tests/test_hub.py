@@ -132,6 +132,9 @@ def test_hub_revision_picks_its_commit(
     expected = load_file(str(other / "model.safetensors"))
     name = next(iter(expected))
     assert torch.equal(loaded[name], expected[name])
+    raw = config_dict(tiny_model_dir, pairs_file, tmp_path / "run", model={"revision": "v1"})
+    with pytest.raises(ConfigError, match="model.revision='v1' is read only when model.path is a Hub id"):
+        config_from_dict(raw).validate(check_paths=True)  # a local folder has no revisions: not ignored
     config = config_from_dict(config_dict("org/tiny", pairs_file, tmp_path / "run", model={"revision": "v2"}))
     with pytest.raises(ConfigError, match="model.path: Hub model 'org/tiny' at revision 'v2' is not"):
         config.validate(check_paths=True)
@@ -237,6 +240,8 @@ def test_trl_names_hub_ids_revisions_subsets_and_adapters(tmp_path, hub_model, m
     )
     assert data["model"]["path"] == "org/tiny" and data["model"]["revision"] == "v1"
     assert data["data"]["train"] == "org/prefs" and data["data"]["subset"] == "hard"
+    data, _ = from_trl({"model_name_or_path": hub_model, "model_revision": "main"})  # TRL's default
+    assert "revision" not in data["model"]
     adapter = make_adapter(tmp_path / "adapter")
     data, sources = from_trl({"model_name_or_path": str(adapter)})
     assert data["model"]["adapter"] == str(adapter) and "path" not in data["model"]

@@ -288,6 +288,17 @@ class TrainConfig:
             )
         if check_paths:
             _run_folder(self.output_dir)
+            for name, path, revision in (
+                ("model", self.model.path, self.model.revision),
+                ("reference", self.reference.path, self.reference.revision),
+                ("data", self.data.train, self.data.revision),
+            ):
+                if revision is not None and not hub.is_hub_id(path):
+                    where = "data.train" if name == "data" else f"{name}.path"
+                    raise ConfigError(
+                        f"{name}.revision={revision!r} is read only when {where} is a Hub id (org/name);"
+                        f" {where}={path!r} is not"
+                    )
             self._check_model_sources()
             if self.model.load_in_4bit:
                 reason = four_bit_unavailable()
@@ -321,7 +332,11 @@ class TrainConfig:
             base, revision = hub.base_model(model)
         except hub.HubError as exc:
             raise ConfigError(f"model.adapter: {exc}") from None
-        name = "model.path" if model.path else f"model.adapter's base_model_name_or_path ({base})"
+        name = (
+            "model.path"
+            if model.path or model.adapter is None
+            else f"model.adapter's base_model_name_or_path ({base})"
+        )
         _model_folder(name, base, revision)
         tokenizer, revision = hub.tokenizer_source(model)
         _tokenizer("model.tokenizer_path" if model.tokenizer_path else name, tokenizer, revision)

@@ -95,7 +95,7 @@ FIELDS: dict[str, Field] = {
         "a local model folder or a Hub id (hub cache); a PEFT adapter folder or id -> model.adapter",
     ),
     "model_revision": _m(
-        "model.revision", "of a Hub id in model_name_or_path (of the adapter's id: refused)"
+        "model.revision", "of a Hub id in model_name_or_path; main -> null (the default branch)"
     ),
     "dtype": _m(
         "model.dtype", "float32 | bfloat16 | float16; 'auto' is refused (tether needs a named dtype)"
@@ -529,7 +529,7 @@ def _model(trl: dict[str, Any], out: dict[str, Any], prov: dict[str, str]) -> No
         return
     _set(out, "model.path", name)
     prov["model.path"] = "TRL model_name_or_path"
-    if revision is not None:
+    if revision not in (None, "main"):
         _set(out, "model.revision", str(revision))
         prov["model.revision"] = "TRL model_revision"
 
