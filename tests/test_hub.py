@@ -206,6 +206,11 @@ def test_hub_data_set_loads_from_the_cache(tmp_path, hub_cache, tiny_model_dir):
     assert len(load_preference_data("org/prefs", tokenizer, **limits)[0]) == 5
     assert len(load_preference_data("org/subsets", tokenizer, subset="hard", **limits)[0]) == 4
 
+    with pytest.raises(ConfigError, match="data.subset='hard' is read only when data.train is a folder"):
+        config_from_dict(
+            {"model": {"path": str(tiny_model_dir)}, "data": {"train": str(local), "subset": "hard"}}
+        ).validate(check_paths=True)
+
     from tether.data.errors import DataError
     from tether.train import data_digest
 

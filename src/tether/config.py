@@ -312,12 +312,21 @@ class TrainConfig:
                 _hub_snapshot("data.train", self.data.train, self.data.revision, "dataset")
             elif not Path(self.data.train).exists():
                 raise ConfigError(f"data.train: {self.data.train} does not exist")
+            elif self.data.subset is not None and Path(self.data.train).is_file():
+                raise ConfigError(
+                    f"data.subset={self.data.subset!r} is read only when data.train is a folder or Hub data set;"
+                    f" {self.data.train} is a file"
+                )
 
     def _check_model_sources(self) -> None:
         """The model (or adapter and its base), tokenizer and reference exist, locally or in the Hub cache."""
         model = self.model
         if model.adapter is not None:
             folder = _hub_snapshot("model.adapter", model.adapter, None, "model")
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"model.adapter: {model.adapter} is not a folder or a Hub id (org/name) (docs/models.md)"
+                )
             if not (folder / hub.ADAPTER_CONFIG).is_file():
                 raise ConfigError(
                     f"model.adapter: {model.adapter} has no {hub.ADAPTER_CONFIG}: not a PEFT adapter folder"

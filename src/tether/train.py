@@ -727,6 +727,11 @@ def _setup_policy(
 ) -> tuple[PolicyStatistics, Reference]:
     """The policy (dropout off, LoRA applied, on its device unless sharded) and its reference."""
     sharded = engine in ("fsdp", "zero3")  # parameters sharded across processes
+    if sharded and config.model.load_in_4bit:
+        raise ConfigError(
+            "model.load_in_4bit=true is not supported with FSDP or DeepSpeed ZeRO-3 (sharded 4-bit weights need"
+            " a quantized storage dtype tether does not set up): run it with DDP or one process"
+        )
     model = _load_policy(config, prepare=True)
     _refuse_float16_training(model, config)
     if not sharded and not config.model.load_in_4bit:  # FSDP, ZeRO-3 and 4-bit loading place the weights

@@ -3,8 +3,8 @@
 Flow: load the prompt rows (JSONL or a built-in task) -> build the verifier and reward -> load the reference
 (if any) and sample it -> for each model: load, sample each temperature (cached), score entropy and
 sequential KL on its own samples, verify, reward, compare with the reference's samples -> eval.json ->
-plots. Models are loaded one at a time (the reference stays loaded); all loading is local-only,
-safetensors-only, `trust_remote_code` as configured (off by default).
+plots. Models are loaded one at a time (the reference stays loaded); from local folders, .gguf files or Hub
+ids in the hub cache (`tether.hub`), safetensors-only, `trust_remote_code` as configured (off by default).
 
 Metrics per model and temperature (see docs/evaluate.md for formulas): num_prompts, n_samples,
 mean_length_tokens, pass@k {k: value} and accuracy (with a verifier), distinct_1, distinct_2,
