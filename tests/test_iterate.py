@@ -307,6 +307,7 @@ def test_cli_bad_key_exits_2_naming_it(initial_model, tmp_path, capsys):
         ({"train": {"optim": {"lrr": 1.0}}}, "optim.lrr"),
         ({"train": {"output_dir": "x"}}, "train.output_dir"),
         ({"train": {"model": {"path": "x"}}}, "train.model.path"),
+        ({"train": {"model": {"adapter": "x"}}}, "train.model.adapter"),
         ({"train": {"objective": {"name": "nope"}}}, "objective.name"),
         ({"reference": "last"}, "reference"),
         ({"train": {"lora": {"enabled": True}}}, "train.reference.mode=copy"),

@@ -142,7 +142,7 @@ def test_trl_defaults_apply_where_the_file_is_silent():
         ({"loss_type": "hinge"}, "loss_type"),
         ({"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}, "loss_type"),
         ({"rpo_alpha": 1.0}, "rpo_alpha"),
-        ({"load_in_4bit": True}, "load_in_4bit"),
+        ({"load_in_8bit": True}, "load_in_8bit"),
         ({"eval_strategy": "steps", "eval_steps": 50}, "eval_strategy"),
         ({"lr_scheduler_type": "cosine_with_restarts"}, "lr_scheduler_type"),
         ({"warmup_steps": 0.1}, "warmup_steps"),  # a ratio without max_steps

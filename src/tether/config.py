@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tether import trl_config
+from tether import hub, trl_config
 from tether.gguf import GGUFError, check_gguf, is_gguf
 from tether.objectives import ObjectiveConfigError, build_objective
 
@@ -36,12 +36,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # local folder with config.json, *.safetensors weights and the tokenizer; or a .gguf file
-    tokenizer_path: str | None = None  # tokenizer folder (or .gguf file) if it is not `path`
+    path: str = ""  # local folder with config.json, *.safetensors weights and the tokenizer; or a .gguf file;
+    # or a Hub id (org/name), read from the Hugging Face cache (docs/models.md). With `adapter`: its base model
+    # (empty: the base its adapter_config.json names)
+    revision: str | None = None  # Hub revision (branch, tag or commit) of a Hub id in `path` (default: main)
+    adapter: str | None = None  # a PEFT adapter folder or Hub id to start from, trained further (LoRA)
+    tokenizer_path: str | None = None  # tokenizer folder (or .gguf file, or Hub id) if it is not `path`'s
     dtype: str = "float32"  # dtype of the weights: float32 | bfloat16 | float16
     trust_remote_code: bool = False  # run the model folder's own Python code (off unless you trust it)
     attn_implementation: str | None = None  # transformers attention backend, e.g. "sdpa" or "eager"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    load_in_4bit: bool = False  # QLoRA: a frozen 4-bit base (bitsandbytes, CUDA only) under LoRA adapters
+    bnb_4bit_quant_type: str = "nf4"  # 4-bit data type with load_in_4bit: nf4 | fp4
+    use_bnb_nested_quant: bool = False  # with load_in_4bit: quantize the quantization constants too
 
 
 @dataclass
@@ -58,8 +65,13 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # JSONL / Parquet / CSV file or a `datasets.save_to_disk` folder
-    split: str = "train"  # split to use when `train` is a DatasetDict folder
+    train: str = ""  # JSONL / Parquet / CSV file, a folder of such files or a `datasets.save_to_disk` folder,
+    # or a Hub data set id (org/name), read from the Hugging Face cache (docs/models.md)
+    split: str = "train"  # split to use when `train` is a folder or Hub data set with several splits
+    subset: str | None = None  # configuration (subset) of a folder or Hub data set that has several
+    revision: str | None = (
+        None  # Hub revision (branch, tag or commit) when `train` is a Hub id (default: main)
+    )
     max_length: int | None = 512  # max tokens of prompt + response (responses truncated from the right)
     max_prompt_length: int | None = 256  # max prompt tokens (prompts truncated from the left)
     on_bad_row: str = "error"  # error: stop at the first bad row | skip: count, report and skip bad rows
@@ -98,7 +110,10 @@ class ReferenceConfig:
     mode: str = "auto"  # copy: frozen copy (+1 model in memory) | adapter: LoRA policy with adapters off
     # (no extra memory; needs lora.enabled) | cache: one pass before training, stored on disk (no model in
     # memory during training) | auto: adapter with LoRA, else copy
-    path: str | None = None  # another reference model folder or .gguf (default: the policy's initial weights)
+    # With model.adapter: adapter (and auto) is the base with the adapter off, as TRL; copy and cache are the
+    # adapter as loaded (the initial policy)
+    path: str | None = None  # another reference model folder, .gguf or Hub id (default: the initial policy)
+    revision: str | None = None  # Hub revision of a Hub id in `path` (default: main)
     cache_dtype: str = (
         "float32"  # dtype of cached reference hidden states (TDPO / epsilon-DPO); float16 halves disk
     )
@@ -164,10 +179,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def trains_adapter(self) -> bool:
+        """True when LoRA adapters are trained: new ones (lora.enabled) or a loaded one (model.adapter)."""
+        return self.lora.enabled or self.model.adapter is not None
+
     def reference_mode(self) -> str:
-        """The resolved reference mode (auto -> adapter with LoRA, else copy)."""
+        """The resolved reference mode (auto -> adapter with LoRA or a loaded adapter, else copy)."""
         if self.reference.mode == "auto":
-            return "adapter" if self.lora.enabled else "copy"
+            return "adapter" if self.trains_adapter() else "copy"
         return self.reference.mode
 
     def validate(self, check_paths: bool = True) -> None:
@@ -177,6 +196,7 @@ class TrainConfig:
                 "output_dir is empty: name a run folder (an empty one would write into the current directory)"
             )
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.bnb_4bit_quant_type", self.model.bnb_4bit_quant_type, ("nf4", "fp4"))
         _choice("data.on_bad_row", self.data.on_bad_row, ("error", "skip"))
         _choice("reference.mode", self.reference.mode, ("auto", "copy", "adapter", "cache"))
         _choice("reference.cache_dtype", self.reference.cache_dtype, ("float32", "bfloat16", "float16"))
@@ -251,25 +271,119 @@ class TrainConfig:
         self.build_objective()
         _representable_floats(self)
         mode = self.reference_mode()
-        if mode == "adapter" and not self.lora.enabled:
+        if mode == "adapter" and not self.trains_adapter():
             raise ConfigError(
-                "reference.mode=adapter needs lora.enabled=true (set reference.mode=copy or cache)"
+                "reference.mode=adapter needs lora.enabled=true or model.adapter (set reference.mode=copy or"
+                " cache)"
             )
+        if self.model.adapter is not None and self.lora.enabled:
+            raise ConfigError(
+                f"model.adapter={self.model.adapter!r} is trained further as it is (its own r, alpha and target"
+                " modules); lora.enabled=true would add a second, new adapter: set lora.enabled=false"
+            )
+        self._check_quantization(mode)
         if mode == "adapter" and self.reference.path is not None:
             raise ConfigError(
                 "reference.path cannot be used with reference.mode=adapter (the policy is the reference)"
             )
         if check_paths:
             _run_folder(self.output_dir)
-            _model_folder("model.path", self.model.path, self.model.tokenizer_path)
-            if self.reference.path is not None:
-                _model_folder(
-                    "reference.path", self.reference.path, self.model.tokenizer_path or self.model.path
-                )
+            for name, path, revision in (
+                ("model", self.model.path, self.model.revision),
+                ("reference", self.reference.path, self.reference.revision),
+                ("data", self.data.train, self.data.revision),
+            ):
+                if revision is not None and not hub.is_hub_id(path):
+                    where = "data.train" if name == "data" else f"{name}.path"
+                    raise ConfigError(
+                        f"{name}.revision={revision!r} is read only when {where} is a Hub id (org/name);"
+                        f" {where}={path!r} is not"
+                    )
+            self._check_model_sources()
+            if self.model.load_in_4bit:
+                reason = four_bit_unavailable()
+                if reason:
+                    raise ConfigError(f"model.load_in_4bit=true is refused: {reason}")
             if not self.data.train:
-                raise ConfigError("data.train is empty: give a JSONL/Parquet/CSV file or a datasets folder")
-            if not Path(self.data.train).exists():
+                raise ConfigError(
+                    "data.train is empty: give a JSONL/Parquet/CSV file, a data folder or a Hub data set id"
+                )
+            if hub.is_hub_id(self.data.train):
+                _hub_snapshot("data.train", self.data.train, self.data.revision, "dataset")
+            elif not Path(self.data.train).exists():
                 raise ConfigError(f"data.train: {self.data.train} does not exist")
+            elif self.data.subset is not None and Path(self.data.train).is_file():
+                raise ConfigError(
+                    f"data.subset={self.data.subset!r} is read only when data.train is a folder or Hub data set;"
+                    f" {self.data.train} is a file"
+                )
+
+    def _check_model_sources(self) -> None:
+        """The model (or adapter and its base), tokenizer and reference exist, locally or in the Hub cache."""
+        model = self.model
+        if model.adapter is not None:
+            folder = _hub_snapshot("model.adapter", model.adapter, None, "model")
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"model.adapter: {model.adapter} is not a folder or a Hub id (org/name) (docs/models.md)"
+                )
+            if not (folder / hub.ADAPTER_CONFIG).is_file():
+                raise ConfigError(
+                    f"model.adapter: {model.adapter} has no {hub.ADAPTER_CONFIG}: not a PEFT adapter folder"
+                    " (save one with peft's save_pretrained)"
+                )
+            if not (folder / hub.ADAPTER_WEIGHTS).is_file():
+                raise ConfigError(
+                    f"model.adapter: {model.adapter} has no {hub.ADAPTER_WEIGHTS}; tether loads safetensors"
+                    " only (re-save the adapter with safe_serialization=True)"
+                )
+        try:
+            base, revision = hub.base_model(model)
+        except hub.HubError as exc:
+            raise ConfigError(f"model.adapter: {exc}") from None
+        name = (
+            "model.path"
+            if model.path or model.adapter is None
+            else f"model.adapter's base_model_name_or_path ({base})"
+        )
+        _model_folder(name, base, revision)
+        tokenizer, revision = hub.tokenizer_source(model)
+        _tokenizer("model.tokenizer_path" if model.tokenizer_path else name, tokenizer, revision)
+        if self.reference.path is not None:
+            _model_folder("reference.path", self.reference.path, self.reference.revision)
+
+    def _check_quantization(self, mode: str) -> None:
+        """QLoRA's combinations (the device and bitsandbytes are checked with the paths)."""
+        model = self.model
+        if not model.load_in_4bit:
+            for name, value, default in (
+                ("bnb_4bit_quant_type", model.bnb_4bit_quant_type, "nf4"),
+                ("use_bnb_nested_quant", model.use_bnb_nested_quant, False),
+            ):
+                if value != default:
+                    raise ConfigError(f"model.{name}={value!r} is read only with model.load_in_4bit=true")
+            return
+        if not self.trains_adapter():
+            raise ConfigError(
+                "model.load_in_4bit=true (QLoRA) trains LoRA adapters on a frozen 4-bit base: set"
+                " lora.enabled=true (or model.adapter)"
+            )
+        if is_gguf(model.path):
+            raise ConfigError(
+                "model.load_in_4bit=true cannot quantize a .gguf file as it loads: convert it first"
+                " (tether convert-gguf FILE DIR) and set model.path to the folder"
+            )
+        if self.lora.merge_on_save:
+            raise ConfigError(
+                "model.load_in_4bit=true with lora.merge_on_save=true would merge the adapters into 4-bit"
+                " weights (rounding the base): set lora.merge_on_save=false (final/ then holds the adapter; merge"
+                " it into the unquantized base afterwards)"
+            )
+        if mode == "copy" and self.reference.path is None:
+            raise ConfigError(
+                "model.load_in_4bit=true with reference.mode=copy would copy the quantized policy: use"
+                " reference.mode=adapter (the base with the adapters off) or cache"
+            )
 
     def build_objective(self):
         try:
@@ -341,24 +455,51 @@ def _run_folder(output_dir: str) -> None:
             return
 
 
-def _model_folder(name: str, path: str, tokenizer_path: str | None) -> None:
-    """A local Hugging Face model folder: config.json and safetensors weights (and a tokenizer); or a local
-    .gguf file, which holds its tokenizer (see tether.gguf)."""
+def four_bit_unavailable() -> str | None:
+    """Why 4-bit loading (QLoRA) cannot run here, or None: it needs a CUDA device and bitsandbytes."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return (
+            "4-bit weights need a CUDA device (bitsandbytes' kernels) and this machine has none"
+            " (torch.cuda.is_available() is False); train LoRA on the unquantized model (load_in_4bit=false)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "4-bit weights need the bitsandbytes package: pip install bitsandbytes"
+    return None
+
+
+def _hub_snapshot(name: str, path: str, revision: str | None, repo_type: str) -> Path:
+    """The local folder of `path`: itself, or its Hub cache snapshot (ConfigError naming the field if none)."""
+    try:
+        return Path(hub.local_path(path, revision, repo_type))
+    except hub.HubError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _model_folder(name: str, path: str, revision: str | None = None) -> None:
+    """A Hugging Face model folder (local, or a Hub id's cached snapshot): config.json and safetensors
+    weights; or a local .gguf file (see tether.gguf)."""
     if not path:
         raise ConfigError(
-            f"{name} is empty: give a local model folder (config.json + *.safetensors) or a .gguf file"
+            f"{name} is empty: give a local model folder (config.json + *.safetensors), a .gguf file or a Hub"
+            " id (org/name)"
         )
     if is_gguf(path):
         _gguf_file(name, path)
-        if tokenizer_path and is_gguf(tokenizer_path):
-            _gguf_file("model.tokenizer_path", tokenizer_path)
-        elif tokenizer_path:
-            _tokenizer_folder(name, Path(tokenizer_path))
         return
-    folder = Path(path)
+    folder = _hub_snapshot(name, path, revision, "model")
     if not folder.is_dir():
         raise ConfigError(
-            f"{name}: {path} is not a folder (tether loads local models only, no hub downloads)"
+            f"{name}: {path} is not a folder, a .gguf file or a Hub id (org/name) (docs/models.md)"
+        )
+    if hub.is_adapter(folder):
+        raise ConfigError(
+            f"{name}: {path} is a PEFT adapter ({hub.ADAPTER_CONFIG}), not a full model: write model.adapter:"
+            f" {path} (its base model is the base_model_name_or_path of {hub.ADAPTER_CONFIG}; model.path"
+            " overrides it)"
         )
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{name}: {path} has no config.json; save the model with save_pretrained")
@@ -369,14 +510,14 @@ def _model_folder(name: str, path: str, tokenizer_path: str | None) -> None:
             else ""
         )
         raise ConfigError(f"{name}: {path} has no *.safetensors weights{hint}; tether loads safetensors only")
-    if tokenizer_path and is_gguf(tokenizer_path):
-        _gguf_file("model.tokenizer_path", tokenizer_path)
-    else:
-        _tokenizer_folder(name, Path(tokenizer_path) if tokenizer_path else folder)
 
 
-def _tokenizer_folder(name: str, tok: Path) -> None:
-    if not any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+def _tokenizer(name: str, path: str, revision: str | None) -> None:
+    if is_gguf(path):
+        _gguf_file(name, path)
+        return
+    tok = _hub_snapshot(name, path, revision, "model")
+    if not any((tok / f).is_file() for f in hub.TOKENIZER_FILES):
         raise ConfigError(
             f"{name}: no tokenizer files in {tok}; save the tokenizer there or set model.tokenizer_path"
         )
@@ -707,12 +848,13 @@ def config_fingerprint(
     refusal can say which field changed (`resume_changes` says which changes are refused).
 
     The data order depends on the global batch only (batch 4 x 1 process == 2 x 2 processes), so that is
-    what is compared, not its factors. Paths are compared resolved (`d/../d/x` is `d/x`); the data by its
-    content, data_digest (`tether.train.data_digest`), when given.
+    what is compared, not its factors. Paths are compared resolved (`d/../d/x` is `d/x`), Hub ids by id and
+    commit (`tether.hub.identity`); the data by its content, data_digest (`tether.train.data_digest`), when
+    given.
     """
 
-    def resolved(path: str | None) -> str | None:
-        return str(Path(path).resolve()) if path else None
+    def resolved(path: str | None, revision: str | None = None, kind: str = "model") -> str | None:
+        return hub.identity(path, revision, kind)
 
     optim = config.optim
     fields: dict[str, Any] = {"objective.name": config.objective.name}
@@ -723,20 +865,23 @@ def config_fingerprint(
             "global batch (optim.batch_size x optim.grad_accum x processes)": optim.batch_size
             * optim.grad_accum
             * processes,
-            "data.train": resolved(config.data.train),
+            "data.train": resolved(config.data.train, config.data.revision, "dataset"),
             "data.split": config.data.split,
+            "data.subset": config.data.subset,
             "data.shuffle": config.data.shuffle,
             "data.max_length": config.data.max_length,
             "data.max_prompt_length": config.data.max_prompt_length,
             "data.on_bad_row": config.data.on_bad_row,
-            "model.path": resolved(config.model.path),
+            "model.path": resolved(config.model.path, config.model.revision),
+            "model.adapter": resolved(config.model.adapter),
             "model.tokenizer_path": resolved(config.model.tokenizer_path),
+            "model.load_in_4bit": config.model.load_in_4bit,
             "model.dtype": config.model.dtype,
             "model.attn_implementation": config.model.attn_implementation,
             "model.gradient_checkpointing": config.model.gradient_checkpointing,
             "lora.enabled": config.lora.enabled,
             "reference.mode": config.reference_mode(),
-            "reference.path": resolved(config.reference.path),
+            "reference.path": resolved(config.reference.path, config.reference.revision),
             "optim.lr": optim.lr,
             "optim.scheduler": optim.scheduler,
             "optim.warmup_steps": optim.warmup_steps,
@@ -765,6 +910,9 @@ def config_fingerprint(
         )
     if config.reference_mode() == "cache":
         fields["reference.cache_dtype"] = config.reference.cache_dtype
+    if config.model.load_in_4bit:
+        fields["model.bnb_4bit_quant_type"] = config.model.bnb_4bit_quant_type
+        fields["model.use_bnb_nested_quant"] = config.model.use_bnb_nested_quant
     return json.loads(json.dumps(fields))
 
 

@@ -115,6 +115,11 @@ class IterateConfig:
             raise ConfigError(
                 f"train.{taken[0]} is set by tether iterate each round; remove it from the train section"
             )
+        if _has_key(self.train, "model.adapter"):
+            raise ConfigError(
+                "train.model.adapter: each round of tether iterate starts from the previous round's final model,"
+                " so an adapter would be loaded again every round; merge it into its base first and set model"
+            )
         train = round_train_config(self, 1, Path(self.model))
         if self.reference == "initial" and train.reference_mode() == "adapter":
             raise ConfigError(

@@ -1,7 +1,9 @@
-"""Loading local Hugging Face causal LMs and turning a batch into final hidden states and `PairStats`.
+"""Loading Hugging Face causal LMs and turning a batch into final hidden states and `PairStats`.
 
-Models load from local folders only (no hub), from safetensors only (`use_safetensors=True`), or from a
-local `.gguf` file (`tether.gguf`), with `trust_remote_code` off unless configured. The forward pass never computes full logits: the model returns
+Models load from local folders, Hub ids through the hub cache (`tether.hub`), or a local `.gguf` file
+(`tether.gguf`); from safetensors only (`use_safetensors=True`), with `trust_remote_code` off unless
+configured. A PEFT adapter folder loads onto its base (`load_adapter`); `model.load_in_4bit` quantizes the
+base with bitsandbytes (QLoRA, CUDA only). The forward pass never computes full logits: the model returns
 its final hidden states (logits only for the last position, `logits_to_keep=1`), the response positions are
 selected, and `tether.heads.token_stats` applies the output embedding chunk by chunk.
 
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from tether import hub
 from tether.batch import PreferenceBatch
 from tether.causal_lm import (
     LOGIT_SCALES,
@@ -61,9 +64,11 @@ PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 4 * 2**-
 
 
 def load_tokenizer(config: ModelConfig):
+    """The tokenizer of `hub.tokenizer_source(config)` (tokenizer_path, the adapter's, or the base model's)."""
     from transformers import AutoTokenizer
 
-    source, kwargs = pretrained_source(config.tokenizer_path or config.path, model=False)
+    path, revision = hub.tokenizer_source(config)
+    source, kwargs = pretrained_source(hub.local_path(path, revision), model=False)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **kwargs)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked by attention_mask and labels; the id itself is never trained on.
@@ -71,12 +76,17 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_causal_lm(path: str, config: ModelConfig) -> nn.Module:
+def load_causal_lm(path: str, config: ModelConfig, revision: str | None = None) -> nn.Module:
+    """The causal LM at `path` (a folder, a .gguf file or a Hub id at `revision`), checked (`check_supported`,
+    `check_head_matches_logits`); 4-bit quantized when config.load_in_4bit (then on the current CUDA device)."""
     from transformers import AutoModelForCausalLM
 
-    source, kwargs = pretrained_source(path, model=True)  # a .gguf file: dequantized to a plain model
+    local = hub.local_path(path, revision)
+    source, kwargs = pretrained_source(local, model=True)  # a .gguf file: dequantized to a plain model
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
+    if config.load_in_4bit:
+        kwargs.update(_four_bit(config))
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=DTYPES[config.dtype],
@@ -84,9 +94,55 @@ def load_causal_lm(path: str, config: ModelConfig) -> nn.Module:
         use_safetensors=True,
         **kwargs,
     )
+    if local != path:  # a Hub id: saved configs and adapters name it, not the cache folder
+        model.config._name_or_path = path
+        model.name_or_path = path
     check_supported(model)
     check_head_matches_logits(model, path)
     return model
+
+
+def _four_bit(config: ModelConfig) -> dict:
+    """from_pretrained's arguments for a 4-bit base (as TRL's get_quantization_config: compute in
+    model.dtype), on this process's CUDA device; refused (ConfigError naming the field) without one."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from tether.config import ConfigError, four_bit_unavailable
+
+    reason = four_bit_unavailable()
+    if reason:
+        raise ConfigError(f"model.load_in_4bit=true is refused: {reason}")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=DTYPES[config.dtype],
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
+    )
+    return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
+
+
+def prepare_four_bit(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    """peft's `prepare_model_for_kbit_training` (norms and head in float32, input gradients for
+    checkpointing) on a 4-bit base, before LoRA adapters are added."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def load_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """The PEFT adapter at `adapter` (a folder or Hub id, adapter_model.safetensors) on `model`, trainable;
+    refused like any model if it adapts the output embedding (the chunked head reads its weight)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, hub.local_path(adapter), is_trainable=True)
+    check_supported(peft_model)
+    check_head_matches_logits(peft_model, adapter)
+    return peft_model
 
 
 def check_supported(model: nn.Module) -> None:

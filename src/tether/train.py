@@ -51,14 +51,17 @@ from typing import Any
 
 import torch
 
+from tether import hub
 from tether.config import ConfigError, TrainConfig, config_fingerprint, resume_changes, save_config
 from tether.files import atomic_write
 from tether.heads import StatRequest
 from tether.modeling import (
     PolicyStatistics,
     disable_dropout,
+    load_adapter,
     load_causal_lm,
     load_tokenizer,
+    prepare_four_bit,
 )
 from tether.objectives import Objective, PairStats
 from tether.reference import (
@@ -249,12 +252,12 @@ def _write_failure(exc: BaseException) -> str | None:
     return None
 
 
-def data_digest(source: str, split: str) -> str:
-    """SHA-256 of the data's content, streamed: a file's bytes, or the files of a `datasets` folder (of the
-    split's subfolder for a DatasetDict; relative path and bytes, sorted; `cache-*.arrow` files that `.map`
-    leaves there are no content); a name that is no local path (a hub data set) is digested with its split."""
+def data_digest(source: str, split: str, revision: str | None = None) -> str:
+    """SHA-256 of the data's content, streamed: a file's bytes, or the files of a folder (of the split's
+    subfolder for a saved DatasetDict; relative path and bytes, sorted; `cache-*.arrow` files that `.map`
+    leaves there are no content); a Hub data set id is its cached snapshot folder (`tether.hub`)."""
     h = hashlib.sha256()
-    path = Path(source)
+    path = Path(hub.local_path(source, revision, "dataset"))
     if path.is_dir() and (path / "dataset_dict.json").is_file() and (path / split).is_dir():
         path = path / split
     if path.is_file():
@@ -349,7 +352,7 @@ def _make_reference(config, policy, dataset, collate, accelerator, objective, sp
         return AdapterReference(policy, split_rows=split_rows)
     if mode == "copy":
         if config.reference.path:
-            ref = load_causal_lm(config.reference.path, config.model)
+            ref = load_causal_lm(config.reference.path, config.model, config.reference.revision)
         else:
             ref = copy.deepcopy(policy)
         disable_dropout(ref)
@@ -360,7 +363,11 @@ def _make_reference(config, policy, dataset, collate, accelerator, objective, sp
     key = _cache_key(config, len(dataset), store_hidden)
     if accelerator.is_main_process:
         if _cached_key(folder) != key:  # absent, or built from another model / data / setting: rebuild
-            ref = load_causal_lm(config.reference.path, config.model) if config.reference.path else policy
+            ref = (
+                load_causal_lm(config.reference.path, config.model, config.reference.revision)
+                if config.reference.path
+                else policy
+            )
             ref = ref.to(accelerator.device)
             was_training = ref.training
             build_reference_cache(
@@ -392,19 +399,29 @@ def _make_reference(config, policy, dataset, collate, accelerator, objective, sp
 
 
 def _cache_key(config: TrainConfig, pairs: int, store_hidden: bool) -> dict[str, Any]:
-    """What the reference cache depends on; a cache whose key differs is stale and rebuilt."""
-    reference = config.reference.path or config.model.path
+    """What the reference cache depends on; a cache whose key differs is stale and rebuilt. Hub models and
+    data sets are named by id and commit (`tether.hub.identity`), local ones by their resolved path."""
+    if config.reference.path:
+        reference, revision, adapter = config.reference.path, config.reference.revision, None
+    else:  # the initial policy: the base, with the loaded adapter if any
+        (reference, revision), adapter = hub.base_model(config.model), config.model.adapter
+    tokenizer, tokenizer_revision = hub.tokenizer_source(config.model)
+    data, data_revision = config.data.train, config.data.revision
     return json.loads(
         json.dumps(
             {
                 # 2: caches record and apply the model's head transform (logit scale, soft-cap); a cache
                 # written before it holds wrong log-probs for such models and is rebuilt.
                 "format": 2,
-                "reference": str(Path(reference).resolve()),
-                "weights": _stamps(Path(reference), "*.safetensors"),
-                "tokenizer": str(Path(config.model.tokenizer_path or config.model.path).resolve()),
-                "data": str(Path(config.data.train).resolve()),
-                "data_stamp": _stamps(Path(config.data.train), "*"),
+                "reference": hub.identity(reference, revision),
+                "weights": _stamps(Path(hub.local_path(reference, revision)), "*.safetensors"),
+                "adapter": hub.identity(adapter),
+                "adapter_weights": _stamps(Path(hub.local_path(adapter)), "*.safetensors") if adapter else [],
+                "load_in_4bit": config.model.load_in_4bit,
+                "tokenizer": hub.identity(tokenizer, tokenizer_revision),
+                "data": hub.identity(data, data_revision, "dataset"),
+                "data_stamp": _stamps(Path(hub.local_path(data, data_revision, "dataset")), "*"),
+                "data_subset": config.data.subset,
                 "max_length": config.data.max_length,
                 "max_prompt_length": config.data.max_prompt_length,
                 "model_dtype": config.model.dtype,
@@ -454,7 +471,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     out_dir = Path(config.output_dir)
     accelerator, engine = _setup_accelerator(config)
     main = accelerator.is_main_process
-    data_hash = data_digest(config.data.train, config.data.split)
+    data_hash = data_digest(config.data.train, config.data.split, config.data.revision)
     fingerprint = config_fingerprint(config, processes=accelerator.num_processes, data_digest=data_hash)
     start = _resume_point(config, resume, fingerprint, main)  # before anything heavy is loaded
 
@@ -466,6 +483,8 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         max_prompt_length=config.data.max_prompt_length,
         on_bad_row=config.data.on_bad_row,
         split=config.data.split,
+        subset=config.data.subset,
+        revision=config.data.revision,
         progress=config.logging.progress and main,
     )
     global_batch = config.optim.batch_size * config.optim.grad_accum * accelerator.num_processes
@@ -708,15 +727,14 @@ def _setup_policy(
 ) -> tuple[PolicyStatistics, Reference]:
     """The policy (dropout off, LoRA applied, on its device unless sharded) and its reference."""
     sharded = engine in ("fsdp", "zero3")  # parameters sharded across processes
-    model = load_causal_lm(config.model.path, config.model)
-    disable_dropout(model)
-    if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.lora.enabled:
-        _check_lora_targets(model, config.lora.target_modules)
-        model = _apply_lora(model, config)
+    if sharded and config.model.load_in_4bit:
+        raise ConfigError(
+            "model.load_in_4bit=true is not supported with FSDP or DeepSpeed ZeRO-3 (sharded 4-bit weights need"
+            " a quantized storage dtype tether does not set up): run it with DDP or one process"
+        )
+    model = _load_policy(config, prepare=True)
     _refuse_float16_training(model, config)
-    if not sharded:  # FSDP and ZeRO-3 move each shard to its device when they wrap the model
+    if not sharded and not config.model.load_in_4bit:  # FSDP, ZeRO-3 and 4-bit loading place the weights
         model.to(accelerator.device)
     # Sharded layers run once per forward: no split by row length (`final_hidden_states`).
     reference = _make_reference(config, model, dataset, collate, accelerator, objective, not sharded)
@@ -724,6 +742,27 @@ def _setup_policy(
     if engine == "zero3":
         _register_head_with_zero3(policy)
     return policy, reference
+
+
+def _load_policy(config: TrainConfig, prepare: bool = False):
+    """The initial policy: the base model (4-bit for QLoRA) with the loaded adapter, or new LoRA adapters, or
+    neither. prepare: also turn dropout off and set up gradient checkpointing (training, not re-loading)."""
+    path, revision = hub.base_model(config.model)
+    model = load_causal_lm(path, config.model, revision)
+    if prepare:
+        disable_dropout(model)
+        if config.model.load_in_4bit:
+            model = prepare_four_bit(model, config.model.gradient_checkpointing)
+        elif config.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.model.adapter is not None:
+        model = load_adapter(model, config.model.adapter)
+        if prepare:
+            disable_dropout(model)  # the adapter's own lora_dropout
+    elif config.lora.enabled:
+        _check_lora_targets(model, config.lora.target_modules)
+        model = _apply_lora(model, config)
+    return model
 
 
 def _setup_optimizer(
@@ -979,13 +1018,11 @@ def _save_final(model, tokenizer, folder: Path, config: TrainConfig, objective, 
     it is loaded (strictly) into a fresh CPU copy of the model, which is then saved (and merged) as usual.
     """
     if full_state is not None:
-        model = load_causal_lm(config.model.path, config.model)
-        if config.lora.enabled:
-            model = _apply_lora(model, config)
+        model = _load_policy(config)
         model.load_state_dict(full_state)
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    if config.lora.enabled and config.lora.merge_on_save:
+    if config.trains_adapter() and config.lora.merge_on_save:
         model = model.merge_and_unload()
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)

@@ -13,8 +13,9 @@ One added line selects tether's objectives: `objective: hdpo` (the name; the obj
 `sigmoid`; `loss_type: [sigmoid, sft]` with `loss_weights` still adds the SFT term. Other tether sections
 (`optim: {chunk_size: 512}`) may sit in the same file and are applied last. docs/trl.md has the table.
 
-Pure apart from one look at the dataset folder (`dataset_name`: a folder holding `<split>.jsonl` and the
-like, as `datasets.load_dataset(folder)` reads it, resolves to that file).
+Pure apart from a look at two paths: `dataset_name`, a folder holding `<split>.jsonl` and the like, as
+`datasets.load_dataset(folder)` reads it, resolves to that file; `model_name_or_path`, a PEFT adapter folder
+(local, or a Hub id in the hub cache), becomes `model.adapter`.
 """
 
 from __future__ import annotations
@@ -71,29 +72,31 @@ def _refuse(why: str, allowed: tuple[Any, ...] = ()) -> Field:
 
 
 _EVAL = "evaluation during training is not in tether train yet (tether eval scores saved models)"
-_QUANT = "quantized training (QLoRA) is not supported by tether train"
+_QUANT = "8-bit training is not supported by tether train (4-bit QLoRA is: load_in_4bit, on CUDA)"
 
 FIELDS: dict[str, Field] = {
     # ScriptArguments
     "dataset_name": _m(
         "data.train",
-        "a local file, or a folder holding <split>.jsonl/.json/.parquet/.csv or saved with save_to_disk",
+        "a local file or folder (of data files, or saved with save_to_disk), or a Hub id from the hub cache",
     ),
     "dataset_train_split": _m(
         "data.split", "picks <split>.* in the dataset folder, or the split of a saved DatasetDict"
     ),
     "dataset_test_split": _noop("read only with evaluation, which eval_strategy 'no' turns off"),
-    "dataset_config": _refuse(
-        "dataset configurations of Hub datasets are not supported: point dataset_name at a local folder",
-        (None,),
-    ),
+    "dataset_config": _m("data.subset", "the configuration (subset) of a Hub data set or data folder"),
     "dataset_streaming": _refuse(
         "tether reads the whole data set (it validates and reports every row)", (False,)
     ),
     "ignore_bias_buffers": _noop("a DDP workaround; tether's DDP does not need it"),
     # ModelConfig
-    "model_name_or_path": _m("model.path", "a local model folder (config.json + *.safetensors + tokenizer)"),
-    "model_revision": _refuse("revisions are a Hub feature; tether loads local folders", ("main", None)),
+    "model_name_or_path": _m(
+        "model.path",
+        "a local model folder or a Hub id (hub cache); a PEFT adapter folder or id -> model.adapter",
+    ),
+    "model_revision": _m(
+        "model.revision", "of a Hub id in model_name_or_path; main -> null (the default branch)"
+    ),
     "dtype": _m(
         "model.dtype", "float32 | bfloat16 | float16; 'auto' is refused (tether needs a named dtype)"
     ),
@@ -112,10 +115,14 @@ FIELDS: dict[str, Field] = {
     "use_rslora": _refuse("rank-stabilised LoRA is not supported", (False,)),
     "use_dora": _refuse("DoRA is not supported", (False,)),
     "load_in_8bit": _refuse(_QUANT, (False,)),
-    "load_in_4bit": _refuse(_QUANT, (False,)),
-    "bnb_4bit_quant_type": _noop("read only with load_in_4bit"),
-    "use_bnb_nested_quant": _refuse(_QUANT, (False,)),
-    "bnb_4bit_quant_storage": _noop("read only with load_in_4bit"),
+    "load_in_4bit": _m(
+        "model.load_in_4bit", "QLoRA through bitsandbytes on CUDA (refused on CPU); the adapter is saved"
+    ),
+    "bnb_4bit_quant_type": _m("model.bnb_4bit_quant_type"),
+    "use_bnb_nested_quant": _m("model.use_bnb_nested_quant"),
+    "bnb_4bit_quant_storage": _refuse(
+        "a storage dtype for 4-bit weights (for FSDP) is not supported: bitsandbytes' uint8", (None, "uint8")
+    ),
     # DPOConfig
     "beta": _m("objective.beta"),
     "loss_type": _m(
@@ -378,7 +385,7 @@ def from_trl(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
 
     put("output_dir", "output_dir", str)
     if "model_name_or_path" in trl:
-        put("model.path", "model_name_or_path", str)
+        _model(trl, out, prov)
     dtype, source = value("dtype")
     if dtype == "auto":
         raise TRLConfigError("dtype: 'auto' is refused: name the dtype (float32, bfloat16 or float16)")
@@ -392,6 +399,13 @@ def from_trl(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
             put(key, name)
     put("model.gradient_checkpointing", "gradient_checkpointing")
 
+    for name in ("load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant"):
+        if name in trl:
+            put(f"model.{name}", name)
+    if trl.get("load_in_4bit"):
+        _set(out, "lora.merge_on_save", False)
+        prov["lora.merge_on_save"] = "TRL load_in_4bit (TRL saves the adapter; merging would round the base)"
+
     # Data: TRL truncates prompt + completion to max_length, keeping the start; no prompt limit of its own.
     if "dataset_name" in trl:
         split, split_source = value("dataset_train_split")
@@ -399,6 +413,8 @@ def from_trl(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         _set(out, "data.train", train)
         _set(out, "data.split", split)
         prov["data.train"], prov["data.split"] = "TRL dataset_name", split_source
+    if trl.get("dataset_config") is not None:
+        put("data.subset", "dataset_config", str)
     put("data.max_length", "max_length")
     _set(out, "data.max_prompt_length", None)
     prov["data.max_prompt_length"] = "TRL default (no prompt limit)"
@@ -491,6 +507,31 @@ def from_trl(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
             _set(out, f"{section}.{key}", v)
             prov[f"{section}.{key}"] = f"tether {section} section in the file"
     return out, prov
+
+
+def _model(trl: dict[str, Any], out: dict[str, Any], prov: dict[str, str]) -> None:
+    """model.path and model.revision from model_name_or_path and model_revision; a PEFT adapter (a folder, or
+    a Hub id in the hub cache) is model.adapter, on the base its adapter_config.json names."""
+    from tether import hub
+
+    name, revision = str(trl["model_name_or_path"]), trl.get("model_revision")
+    try:
+        folder = hub.local_path(name, revision)
+    except hub.HubError:  # not cached: validation says so, naming model.path
+        folder = None
+    if folder is not None and hub.is_adapter(folder):
+        if revision not in (None, "main"):
+            raise TRLConfigError(
+                f"model_revision: {revision!r} is refused: {name} is a PEFT adapter, loaded at its main revision"
+            )
+        _set(out, "model.adapter", name)
+        prov["model.adapter"] = "TRL model_name_or_path (a PEFT adapter)"
+        return
+    _set(out, "model.path", name)
+    prov["model.path"] = "TRL model_name_or_path"
+    if revision not in (None, "main"):
+        _set(out, "model.revision", str(revision))
+        prov["model.revision"] = "TRL model_revision"
 
 
 def _target_modules(value: Any) -> list[str]:

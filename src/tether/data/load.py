@@ -35,12 +35,15 @@ def load_preference_data(
     max_prompt_length: int | None,
     on_bad_row: str = "error",
     split: str = "train",
+    subset: str | None = None,
+    revision: str | None = None,
     progress: bool = True,
 ) -> tuple[PreferenceDataset, DataReport]:
     """Read `source`, check every row, tokenize as TRL does, truncate, and count what was kept and skipped.
 
-    source: a .jsonl/.json/.parquet/.pq/.csv path, a folder saved with `datasets` save_to_disk, or a
-        `datasets.Dataset` / `DatasetDict` (`split` picks from a DatasetDict).
+    source: a .jsonl/.json/.parquet/.pq/.csv path, a folder saved with `datasets` save_to_disk, a folder of
+        data files, a Hub data set id (`revision`, from the hub cache), or a `datasets.Dataset` /
+        `DatasetDict` (`split` picks from a DatasetDict or folder, `subset` a folder's configuration).
     max_length / max_prompt_length: token limits, None for none (policy in `tether.data.tokenize`).
     on_bad_row: "error" raises `DataError` at the first bad row; "skip" counts it per reason and goes on.
     progress: show a tqdm bar over rows.
@@ -49,7 +52,7 @@ def load_preference_data(
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     check_lengths(max_length, max_prompt_length)
-    rows = open_source(source, split=split)
+    rows = open_source(source, split=split, subset=subset, revision=revision)
     report = DataReport(source=rows.name, unit=rows.unit)
     dataset = PreferenceDataset()
     implicit_prompt: bool | None = None

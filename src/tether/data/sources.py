@@ -1,4 +1,10 @@
-"""Reading rows from JSONL, JSON, Parquet, CSV and `datasets` folders.
+"""Reading rows from JSONL, JSON, Parquet, CSV, `datasets` folders and Hub data sets.
+
+A folder saved with `save_to_disk` is loaded with `datasets.load_from_disk`; any other folder (a data set
+repository downloaded from the Hub, or a Hub id's snapshot in the hub cache, `tether.hub`) with
+`datasets.load_dataset(folder, name=subset, split=split)`, which finds its data files and splits as it does
+on the Hub. Rows of such folders are read by `datasets`: a malformed file fails as a whole (`DataError`),
+where a single file given directly is read here row by row.
 
 `open_source(source, split=...)` checks the source up front (a missing file, a 0-byte file, an unknown
 extension, a folder that is not a saved dataset, a missing split: `DataError` at once) and returns a
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tether import hub
 from tether.data.errors import (
     INVALID_JSON,
     INVALID_UTF8,
@@ -61,19 +68,31 @@ class RowSource:
         return self._count()
 
 
-def open_source(source: Any, *, split: str = "train") -> RowSource:
-    """Open `source`: a path (str or PathLike) to a .jsonl/.json/.parquet/.pq/.csv file or to a folder saved
-    with `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or an in-memory `datasets.Dataset` /
-    `DatasetDict`. `split` picks the split of a DatasetDict and is ignored otherwise.
+def open_source(
+    source: Any, *, split: str = "train", subset: str | None = None, revision: str | None = None
+) -> RowSource:
+    """Open `source`: a path (str or PathLike) to a .jsonl/.json/.parquet/.pq/.csv file, to a folder saved
+    with `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` or to a folder of data files; a Hub data
+    set id (`org/name` at `revision`, from the hub cache); or an in-memory `datasets.Dataset` / `DatasetDict`.
+    `split` picks the split of a DatasetDict or data folder and is ignored otherwise; `subset` the
+    configuration of a data folder that has several.
     """
     if not isinstance(source, str | os.PathLike):
         return _open_in_memory(source, split, name=f"<{type(source).__name__}>")
-    path = Path(source)
     name = str(source)
+    if hub.is_hub_id(source):
+        try:
+            folder = hub.snapshot(name, "dataset", revision).folder
+        except hub.HubError as exc:
+            raise DataError(str(exc), source=name, reason="file_not_found") from None
+        return _open_data_folder(folder, split, subset, name)
+    path = Path(source)
     if not path.exists():
         raise DataError(f"{name}: file not found", source=name, reason="file_not_found")
     if path.is_dir():
-        return _open_saved_dataset(path, split)
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _open_saved_dataset(path, split)
+        return _open_data_folder(path, split, subset, name)
     if path.stat().st_size == 0:
         raise DataError(f"{name}: the file is empty (0 bytes)", source=name, reason="empty_file")
     suffix = path.suffix.lower()
@@ -331,6 +350,27 @@ def _open_saved_dataset(path: Path, split: str) -> RowSource:
             reason="unreadable_file",
         ) from None
     return _open_in_memory(loaded, split, name=name)
+
+
+def _open_data_folder(folder: Path, split: str, subset: str | None, name: str) -> RowSource:
+    """A folder of data files, read by `datasets.load_dataset` as it reads a Hub repository."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(str(folder), name=subset, split=split)
+    except ValueError as exc:  # an unknown split or subset (datasets names the ones there are)
+        raise DataError(
+            f"{name}: {exc} (set data.split / data.subset)", source=name, reason="missing_split"
+        ) from None
+    except Exception as exc:  # no data files, or a file datasets cannot parse
+        raise DataError(
+            f"{name}: datasets.load_dataset could not read the folder ({type(exc).__name__}: {exc}); a folder"
+            " must hold data files (.jsonl/.json/.parquet/.csv, named by split) or be saved with save_to_disk;"
+            " point data.train at a single file to have its rows checked one by one",
+            source=name,
+            reason="unreadable_file",
+        ) from None
+    return _open_in_memory(loaded, split, name=f"{name}[{split}]")
 
 
 def _open_in_memory(data: Any, split: str, *, name: str) -> RowSource:

@@ -22,7 +22,10 @@ class ModelSpec:
     """One model to evaluate."""
 
     name: str  # label in eval.json and the plots
-    path: str  # local folder with config, tokenizer and safetensors weights, or a .gguf file
+    path: (
+        str  # local folder with config, tokenizer and safetensors weights, a .gguf file, or a Hub id (cache)
+    )
+    revision: str | None = None  # Hub revision of a Hub id in `path` (default: main)
 
 
 @dataclass
@@ -33,7 +36,7 @@ class EvalConfig:
         default_factory=list
     )  # policies: [{name, path}] (a bare path is also read)
     reference: str | None = (
-        None  # local folder (or .gguf) of pi_ref: sequential KL, win rates, a "reference" row
+        None  # local folder, .gguf or Hub id of pi_ref: sequential KL, win rates, a "reference" row
     )
     prompts: str | None = (
         None  # JSONL file, one {"prompt": ...} per line (+ "answer" / "test" / "entry_point")

@@ -3,8 +3,8 @@
 Flow: load the prompt rows (JSONL or a built-in task) -> build the verifier and reward -> load the reference
 (if any) and sample it -> for each model: load, sample each temperature (cached), score entropy and
 sequential KL on its own samples, verify, reward, compare with the reference's samples -> eval.json ->
-plots. Models are loaded one at a time (the reference stays loaded); all loading is local-only,
-safetensors-only, `trust_remote_code` as configured (off by default).
+plots. Models are loaded one at a time (the reference stays loaded); from local folders, .gguf files or Hub
+ids in the hub cache (`tether.hub`), safetensors-only, `trust_remote_code` as configured (off by default).
 
 Metrics per model and temperature (see docs/evaluate.md for formulas): num_prompts, n_samples,
 mean_length_tokens, pass@k {k: value} and accuracy (with a verifier), distinct_1, distinct_2,
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tether import hub
 from tether.data.errors import INVALID_UTF8, REASON_FIXES, BadRow
 from tether.data.rows import check_values
 from tether.data.sources import parse_json
@@ -112,9 +113,11 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: str, cfg: EvalConfig, device: torch.device) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local folder (local files only, safetensors only) or a local .gguf file
-    (dequantized, see tether.gguf), in eval mode."""
+def load_model(
+    path: str, cfg: EvalConfig, device: torch.device, revision: str | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder (local files only, safetensors only), a Hub id's snapshot in the
+    hub cache (`tether.hub`) or a local .gguf file (dequantized, see tether.gguf), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if is_gguf(path):
@@ -122,10 +125,13 @@ def load_model(path: str, cfg: EvalConfig, device: torch.device) -> tuple[Any, A
             check_gguf(path)
         except GGUFError as exc:
             raise ConfigError(f"model path: {exc}") from None
+    elif hub.is_hub_id(path):
+        try:
+            path = hub.local_path(path, revision)
+        except hub.HubError as exc:
+            raise ConfigError(f"model path: {exc}") from None
     elif not os.path.isdir(path):
-        raise ConfigError(
-            f"model path {path!r} is not a local folder or .gguf file (models are never downloaded)"
-        )
+        raise ConfigError(f"model path {path!r} is not a local folder, a .gguf file or a Hub id (org/name)")
     source, kwargs = pretrained_source(path, model=False)
     tokenizer = AutoTokenizer.from_pretrained(
         source, local_files_only=True, trust_remote_code=cfg.trust_remote_code, **kwargs
@@ -249,7 +255,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     cache_dir = cfg.cache_dir or os.path.join(cfg.output_dir, "samples")
     os.makedirs(cfg.output_dir, exist_ok=True)
 
-    def draw(model: Any, tokenizer: Any, path: str) -> dict[float, SampleSet]:
+    def draw(model: Any, tokenizer: Any, path: str, revision: str | None = None) -> dict[float, SampleSet]:
         return {
             t: sample(
                 model,
@@ -263,7 +269,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                 batch_size=cfg.batch_size,
                 use_chat_template=cfg.use_chat_template,
                 cache_dir=cache_dir,
-                model_id=os.path.abspath(path),
+                model_id=hub.identity(path, revision) if hub.is_hub_id(path) else os.path.abspath(path),
                 progress=cfg.progress,
                 sampler=cfg.sampler,
             )
@@ -286,13 +292,13 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         result["models"][REFERENCE] = entry
 
     for spec in cfg.models:
-        model, tokenizer = load_model(spec.path, cfg, device)
+        model, tokenizer = load_model(spec.path, cfg, device, spec.revision)
         if ref_tokenizer is not None and tokenizer.get_vocab() != ref_tokenizer.get_vocab():
             raise ConfigError(
                 f"models.{spec.name}: its tokenizer differs from the reference's; KL needs one vocabulary"
             )
         entry = {"path": spec.path, "temperatures": {}}
-        for t, samples in draw(model, tokenizer, spec.path).items():
+        for t, samples in draw(model, tokenizer, spec.path, spec.revision).items():
             metrics, _ = evaluate_samples(
                 samples,
                 model,
