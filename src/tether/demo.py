@@ -77,8 +77,8 @@ class PretrainedSizes:
 
 
 # Sized for 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct (measured: 20-22 min, docs/real_tasks.md),
-# from CPU time first measured on a busy machine: sampling 384 rows of 64 new tokens took 11.4 CPU-minutes. The reference
-# solves "count" at pass@1 ~0.06 at T=1, so pairs come from 12 samples per prompt (a prompt gives pairs only
+# from CPU time first measured on a busy machine: sampling 384 rows of 64 new tokens took 11.4 CPU-minutes.
+# The reference solves "count" at pass@1 ~0.06 at T=1, so pairs come from 12 samples per prompt (a prompt gives pairs only
 # when some sample is right): 24 prompts x 12 samples give ~20-25 pairs, trained 20 steps of 4 pairs (a few
 # epochs: near convergence, where H-DPO's alpha acts). Evaluation: 8 new prompts x 8 samples per model at
 # T=1, 6 models.
