@@ -488,7 +488,10 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     if objective.needs_reference_entropy and not _restores_objective(start):
         objective.set_reference_entropy(_reference_entropy(config, accelerator, reference, dataset, collate))
         if main:
-            print(f"[tether] the reference's per-token entropy on the training responses: {objective.target}")
+            print(
+                "[tether] the reference's per-token entropy on the training responses:"
+                f" {objective.reference_entropy:.4f} nats; entropy target {objective.target:.4f}"
+            )
     model, optimizer, scheduler = _setup_optimizer(config, accelerator, engine, policy, total_steps)
     skipped_steps = _restore(accelerator, start, objective)
     if main:
