@@ -651,9 +651,9 @@ def test_deepspeed_settings_tether_cannot_honour_are_refused(train_yaml, entries
 # --- H-DPO with an entropy target ----------------------------------------------------------------------------
 
 
-def _reference_token_entropy(config, model_dir, data) -> float:
-    """The initial model's token-mean entropy over every response token of every pair, from its full logits
-    (an independent computation of what an entropy_target_fraction multiplies)."""
+def _reference_token_entropy(config, model_dir, data, pairs=None) -> float:
+    """The initial model's token-mean entropy over every response token of `pairs` (default: every pair), from
+    its full logits (an independent computation of what an entropy_target_fraction multiplies)."""
     from tether.data import PreferenceCollator, load_preference_data
     from tether.modeling import load_tokenizer
 
@@ -661,7 +661,8 @@ def _reference_token_entropy(config, model_dir, data) -> float:
     dataset, _ = load_preference_data(
         str(data), tokenizer, max_length=64, max_prompt_length=32, progress=False
     )
-    batch = PreferenceCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    pairs = range(len(dataset)) if pairs is None else pairs
+    batch = PreferenceCollator(tokenizer.pad_token_id)([dataset[i] for i in pairs])
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
@@ -699,6 +700,10 @@ def test_entropy_target_moves_alpha_by_the_logged_entropy(train_yaml, tiny_model
         )
         assert 0.5 < r["alpha/next"] < alpha  # above target every step, never clamped
         alpha = r["alpha/next"]
+    # Step 1's entropy is the initial model's on step 1's pairs (policy == reference), from full logits.
+    _, first = step_pairs(24, config.optim.batch_size, 0, config.optim.seed, config.data.shuffle)
+    h_first = _reference_token_entropy(config, tiny_model_dir, pairs_file, first)
+    assert records[0]["entropy/step"] == pytest.approx(h_first, rel=1e-6)
     assert records[0]["entropy/step"] > records[0]["entropy/target"]
     assert records[0]["alpha/next"] < 1.0
     state = json.loads((Path(config.output_dir) / "final" / "tether_objective.json").read_text())["state"]
