@@ -1,6 +1,6 @@
 """Study 7: H-DPO with an entropy target (alpha tuned during training by a dual step) on the "reverse" task.
 
-For each seed: the pairs of study 1 -> DPO at beta 1 (the best fixed alpha of study 1 at T=1, retrained here
+For each seed: pairs made as in study 1 -> DPO at beta 1 (the best fixed alpha of study 1 at T=1, retrained here
 as the baseline) and one `hdpo` run per target, alpha starting at 1 (DPO) and moved after every step by
 log alpha <- log alpha - alpha_lr * (H_step - H_target), clamped to the default [0.5, 2] -> `tether.evaluate`
 at T=1. Writes results/entropy_target.json and figures/entropy_target.png.
@@ -31,7 +31,7 @@ FRACTIONS = (0.5, 0.75, 1.0)
 ALPHA_LR = 1.0
 ALPHA_CLAMP = (0.5, 2.0)  # the defaults of tether.objectives (ALPHA_MIN, ALPHA_MAX)
 SEEDS = (0, 1, 2)
-PAIRS = hdpo_alpha_sweep.PAIRS  # the same pairs as study 1 (shared cache)
+PAIRS = hdpo_alpha_sweep.PAIRS  # study 1's pair sizes and seeds (shared cache)
 TRAIN = hdpo_alpha_sweep.TRAIN
 # Study 1's prompts and samples at T=1 only (the target is about T=1; the cores were shared when it ran).
 EVAL = c.EvalSizes(prompts=64, samples=32, temperatures=(1.0,))
@@ -85,19 +85,25 @@ def run(seeds: tuple[int, ...] = SEEDS) -> dict[str, Any]:
 # --- analysis (also run by make_report.py from the JSON) ---------------------------------------------------
 
 
-def series(results: dict[str, Any], fraction: float, key: str) -> np.ndarray:
-    """(seeds, steps) of one logged training metric of a target run."""
+def series(results: dict[str, Any], fraction: float, key: str) -> list[np.ndarray]:
+    """Per seed, one logged training metric of a target run over its steps (seeds differ in pairs, so in
+    steps)."""
     _, runs = c.logged(results, model_name(fraction), key)
-    return np.asarray(runs, dtype=np.float64)
+    return [np.asarray(run, dtype=np.float64) for run in runs]
+
+
+def last_mean(results: dict[str, Any], fraction: float, key: str) -> np.ndarray:
+    """Per seed, the mean of a logged metric over the last LAST steps."""
+    return np.asarray([run[-LAST:].mean() for run in series(results, fraction, key)])
 
 
 def target(results: dict[str, Any], fraction: float) -> np.ndarray:
     """The target in nats per seed (the reference's entropy on that seed's training responses x fraction)."""
-    return series(results, fraction, "entropy/target")[:, 0]
+    return np.asarray([run[0] for run in series(results, fraction, "entropy/target")])
 
 
 def final_alpha(results: dict[str, Any], fraction: float) -> np.ndarray:
-    return series(results, fraction, "alpha/next")[:, -1]
+    return np.asarray([run[-1] for run in series(results, fraction, "alpha/next")])
 
 
 def sample_entropy(results: dict[str, Any], model: str, temp: float = 1.0) -> np.ndarray:
@@ -132,9 +138,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     # 2. What the controller sees: the entropy on the training responses over the last steps.
     subs = {
         f"fraction {f:g}": c.verdict(
-            (
-                REACH - np.abs(series(results, f, "entropy/step")[:, -LAST:].mean(1) - target(results, f))
-            ).tolist()
+            (REACH - np.abs(last_mean(results, f, "entropy/step") - target(results, f))).tolist()
         )
         for f in fractions
     }
@@ -147,7 +151,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             "all",
             extra={
                 f"last-{LAST}-step entropy/step - target, fraction {f:g}": c.summary(
-                    (series(results, f, "entropy/step")[:, -LAST:].mean(1) - target(results, f)).tolist()
+                    (last_mean(results, f, "entropy/step") - target(results, f)).tolist()
                 )
                 for f in fractions
             },
@@ -213,13 +217,16 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def plot(results: dict[str, Any]) -> list[str]:
     fig, axes = c.figure(3)
-    steps, _ = c.logged(results, model_name(results["fractions"][0]), "alpha/next")
     for f in results["fractions"]:
         label = f"target {f:g} x ref"
-        c.band(axes[0][0], steps, series(results, f, "alpha/next"), label, marker=None)
+        # Seeds differ in their number of steps: the bands cover the steps every seed has.
+        alphas, entropies = series(results, f, "alpha/next"), series(results, f, "entropy/step")
+        n = min(len(run) for run in alphas)
+        steps = list(range(1, n + 1))
+        c.band(axes[0][0], steps, [run[:n] for run in alphas], label, marker=None)
         line = axes[0][1].plot([], [])[0]
         color = line.get_color()
-        c.band(axes[0][1], steps, series(results, f, "entropy/step"), label, color=color)
+        c.band(axes[0][1], steps, [run[:n] for run in entropies], label, color=color)
         axes[0][1].axhline(float(target(results, f).mean()), color=color, linestyle=":")
         axes[0][2].scatter(
             target(results, f), sample_entropy(results, model_name(f)), label=label, color=color

@@ -492,7 +492,7 @@ def section_entropy_target(results: dict[str, Any]) -> list[str]:
         else:
             target = mean_std(m.target(results, f).tolist())
             alpha = mean_std(m.final_alpha(results, f).tolist())
-            last = mean_std(m.series(results, f, "entropy/step")[:, -m.LAST :].mean(1).tolist())
+            last = mean_std(m.last_mean(results, f, "entropy/step").tolist())
         rows.append(
             [
                 model,
@@ -533,7 +533,7 @@ def section_entropy_target(results: dict[str, Any]) -> list[str]:
     return [
         "## 7. H-DPO with an entropy target: alpha tuned during training",
         "",
-        f"Task `{results['task']}`, study 1's pairs. Objective `hdpo` at beta {results['beta']:g}, alpha starting at 1"
+        f"Task `{results['task']}`, pairs made as in study 1 (same sizes and seeds, from the shared reference). Objective `hdpo` at beta {results['beta']:g}, alpha starting at 1"
         f" (DPO) and moved after every step by log alpha <- log alpha - {results['alpha_lr']:g} * (H_step - H_target),"
         f' clamped to [{lo:g}, {hi:g}] (the defaults; docs/objectives.md, "H-DPO with an entropy target"). Targets:'
         f" fractions {results['fractions']} of the reference's per-token entropy on the training responses (measured by"
