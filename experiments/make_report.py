@@ -14,6 +14,7 @@ from typing import Any
 
 import combinations
 import common as c
+import entropy_target
 import epsilon_dpo_beta
 import hdpo_alpha_sweep
 import hdpo_mechanism
@@ -598,6 +599,101 @@ def section_iterate(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def section_entropy_target(results: dict[str, Any]) -> list[str]:
+    m = entropy_target
+    n = results["sizes"]["eval"]["samples"]
+    lo, hi = results["alpha_clamp"]
+    rows = []
+    for f in [None, *results["fractions"]]:
+        model = m.BASELINE if f is None else m.model_name(f)
+        if f is None:
+            target = alpha = last = "-"
+        else:
+            target = mean_std(m.target(results, f).tolist())
+            alpha = mean_std(m.final_alpha(results, f).tolist())
+            last = mean_std(m.last_mean(results, f, "entropy/step").tolist())
+        rows.append(
+            [
+                model,
+                target,
+                last,
+                mean_std(m.sample_entropy(results, model).tolist()),
+                alpha,
+                *[
+                    mean_std(c.seed_values(results, model, 1.0, k))
+                    for k in ("pass@1", f"pass@{n // 4}", f"pass@{n}")
+                ],
+                mean_std(c.seed_values(results, model, 1.0, "unique_answers"), 2),
+            ]
+        )
+    ref = [
+        "reference",
+        "-",
+        "-",
+        mean_std(m.sample_entropy(results, "reference").tolist()),
+        "-",
+        *[
+            mean_std(c.seed_values(results, "reference", 1.0, k))
+            for k in ("pass@1", f"pass@{n // 4}", f"pass@{n}")
+        ],
+        mean_std(c.seed_values(results, "reference", 1.0, "unique_answers"), 2),
+    ]
+    # How many (target, seed) runs ended with alpha at a clamp.
+    ends = np.concatenate([m.final_alpha(results, f) for f in results["fractions"]])
+    at_lo = int(np.sum(np.log(ends / lo) <= m.SETTLED))
+    at_hi = int(np.sum(np.log(hi / ends) <= m.SETTLED))
+    # Which way alpha moved the entropy here: each target's entropy against DPO's, beside where alpha ended.
+    base = m.sample_entropy(results, m.BASELINE)
+    direction = "; ".join(
+        f"target {f:g}: alpha ended at {fmt(float(m.final_alpha(results, f).mean()), 2)}, entropy(T=1) - entropy"
+        f"({m.BASELINE}) = {mean_std((m.sample_entropy(results, m.model_name(f)) - base).tolist())}"
+        for f in results["fractions"]
+    )
+    return [
+        "## 9. H-DPO with an entropy target: alpha tuned during training",
+        "",
+        f"Task `{results['task']}`, pairs made as in study 1 (same sizes and seeds, from the shared reference). Objective `hdpo` at beta {results['beta']:g}, alpha starting at 1"
+        f" (DPO) and moved after every step by log alpha <- log alpha - {results['alpha_lr']:g} * (H_step - H_target),"
+        f' clamped to [{lo:g}, {hi:g}] (the defaults; docs/objectives.md, "H-DPO with an entropy target"). Targets:'
+        f" fractions {results['fractions']} of the reference's per-token entropy on the training responses (measured by"
+        " tether before training), chosen before running: study 1's fixed alphas at beta 1 all ended at 0.20-0.21"
+        " nats/token on their own samples at T=1, so targets inside that range would test nothing. Baseline:"
+        f" `{m.BASELINE}`, the best fixed alpha of study 1 by pass@1 at T=1 (alpha = 1), retrained here on the same"
+        f" pairs. {sizes_line(results)}",
+        "",
+        "H_step is what the controller sees: the policy's entropy along the *training* responses (chosen and"
+        " rejected, all processes). The entropy on own samples is the evaluation's, at T=1. Cells are mean ± std"
+        f" over seeds; the H_step column is the mean of the last {m.LAST} steps.",
+        "",
+        *table(
+            [
+                "model",
+                "target (nats)",
+                "H_step, last steps",
+                "entropy, own samples T=1",
+                "alpha at the end",
+                "pass@1",
+                f"pass@{n // 4}",
+                f"pass@{n}",
+                "unique answers",
+            ],
+            [ref, *rows],
+        ),
+        "",
+        f"alpha ended within 1% of its lower clamp {lo:g} in {at_lo} and of its upper clamp {hi:g} in {at_hi} of"
+        f" {ends.size} (target, seed) runs. Which way alpha moved the entropy on own samples (per seed, against the"
+        f" baseline): {direction}. The dual step assumes that a lower alpha lowers the entropy (the population"
+        " optimum, study 5); where the opposite holds, it pushes alpha the wrong way until a clamp.",
+        "",
+        *claim_lines(m.claims(results)),
+        "**Not run: the SmolLM2 part of the issue.** The issue also asks for this study on SmolLM2's task; it was out"
+        " of reach in the session that built the option (2 CPU cores shared by six sessions; one SmolLM2 demo run took"
+        " 20-36 min there), so there is no real-model result here, and nothing above says how the controller behaves"
+        " on a real model.",
+        "",
+    ]
+
+
 SECTIONS: list[tuple[Any, Callable[[dict[str, Any]], list[str]]]] = [
     (hdpo_alpha_sweep, section_hdpo),
     (tdpo_vs_dpo, section_tdpo),
@@ -607,6 +703,7 @@ SECTIONS: list[tuple[Any, Callable[[dict[str, Any]], list[str]]]] = [
     (hdpo_mechanism, section_mechanism),
     (real_demo_seeds, section_real_demo),
     (iterate_study, section_iterate),
+    (entropy_target, section_entropy_target),
 ]
 
 

@@ -235,6 +235,13 @@ def test_shape_errors():
         preference_loss("dpo2", policy, ref, labels)
 
 
+def test_entropy_target_is_refused_by_a_single_loss_call():
+    """An entropy target is state moved after each optimizer step: one loss call cannot honour it."""
+    policy, ref, labels = make_batch()
+    with pytest.raises(ValueError, match="after_step"):
+        preference_loss("hdpo", policy, ref, labels, alpha=0.9, entropy_target=0.3)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Parity with TRL 1.16's DPOTrainer
 # --------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from tether.objectives import (
     PairStats,
     Stat,
     build_objective,
+    dual_alpha_step,
     epsilon_steps,
     sft_term,
 )
@@ -801,3 +802,128 @@ def test_objectives_declare_their_stat_request():
     assert build_objective("dpo").stat_request() == StatRequest()
     assert build_objective("tdpo1").stat_request() == StatRequest(kl=True)
     assert EpsilonDPO(beta=0.5, epsilon=0.25).stat_request() == StatRequest(epsilon=0.25)
+
+
+# --- H-DPO with an entropy target (docs/objectives.md, "H-DPO with an entropy target") ----------------------
+
+
+@pytest.mark.parametrize(
+    ("alpha", "entropy", "target", "lr", "expected"),
+    [
+        # above target lowers alpha: exp(-0.5 * (0.5 - 0.3)) = exp(-0.1)
+        (1.0, 0.5, 0.3, 0.5, 0.9048374180359595),
+        # below target raises it: 0.8 * exp(-1 * (0.1 - 0.3)) = 0.8 * exp(0.2) = 0.8 * 1.2214027581601699
+        (0.8, 0.1, 0.3, 1.0, 0.9771222065281359),
+        # clamped below: 0.55 * exp(-1) = 0.2023 -> alpha_min 0.5 exactly
+        (0.55, 1.3, 0.3, 1.0, 0.5),
+        # clamped above: 1.9 * exp(1) = 5.16 -> alpha_max 2.0 exactly
+        (1.9, 0.0, 1.0, 1.0, 2.0),
+        # at the target alpha stays, bit for bit
+        (0.9, 0.3, 0.3, 1.0, 0.9),
+    ],
+)
+def test_dual_alpha_step_hand_derived(alpha, entropy, target, lr, expected):
+    """log alpha <- log alpha - lr * (H - H_target), clamped to [0.5, 2]: hand-derived values."""
+    got = dual_alpha_step(alpha, entropy, target, lr, alpha_min=0.5, alpha_max=2.0)
+    assert got == pytest.approx(expected, rel=1e-15, abs=0)
+
+
+def test_dual_alpha_step_mean_error_identity():
+    """What the update guarantees (docs/objectives.md): while no clamp acts, the mean entropy error over T steps
+    is exactly -(log alpha_T - log alpha_0) / (lr * T): a bounded alpha means a vanishing mean error."""
+    gen = torch.Generator().manual_seed(0)
+    entropies = (0.3 + 0.05 * torch.randn(200, generator=gen, dtype=torch.float64)).tolist()
+    alpha, lr, target = 1.0, 0.2, 0.31
+    for h in entropies:
+        alpha = dual_alpha_step(alpha, h, target, lr, alpha_min=1e-6, alpha_max=1e6)
+    mean_error = sum(h - target for h in entropies) / len(entropies)
+    assert 0.5 < alpha < 2 and mean_error != 0.0
+    assert mean_error == pytest.approx(-math.log(alpha) / (lr * len(entropies)), rel=1e-9)
+
+
+def test_entropy_target_updates_alpha_after_the_step():
+    """hdpo (beta 0.5, alpha 1, target 0.3 nats, lr 0.5): the step's loss uses the old alpha (logged as
+    `alpha`); after_step with the step's entropy 0.5 sets alpha = exp(-0.1) (above target: down) and reports
+    it; the next loss equals plain hdpo at that alpha; a skipped step (None) leaves alpha."""
+    stats = make_stats(**TWO_PAIRS)
+    obj = build_objective("hdpo", beta=0.5, alpha=1.0, entropy_target=0.3, alpha_lr=0.5)
+    assert obj.needs == frozenset({Stat.ENTROPY}) and obj.stat_request().entropy
+    first = obj(stats)
+    assert float(first.metrics["alpha"]) == 1.0
+    assert torch.equal(first.losses, HDPO(beta=0.5, alpha=1.0)(stats).losses)
+    record = obj.after_step(None, lambda: 0.5)
+    assert record == {"alpha/next": math.exp(-0.1), "entropy/target": 0.3, "entropy/step": 0.5}
+    assert torch.equal(obj(stats).losses, HDPO(beta=0.5, alpha=math.exp(-0.1))(stats).losses)
+    assert obj.after_step(None, None) == {
+        "alpha/next": math.exp(-0.1),
+        "entropy/target": 0.3,
+        "entropy/step": None,
+    }
+    assert obj.alpha == math.exp(-0.1)
+
+
+def test_entropy_target_with_zero_lr_is_hdpo_exactly():
+    """alpha_lr 0: alpha never moves, and every loss and gradient equals fixed-alpha hdpo bit for bit."""
+    obj = build_objective("hdpo", beta=0.3, alpha=0.9, entropy_target=0.2, alpha_lr=0.0)
+    for entropy in (0.7, 0.01, 3.0):
+        s1, s2 = make_stats(**TWO_PAIRS), make_stats(**TWO_PAIRS)
+        a, b = obj(s1), HDPO(beta=0.3, alpha=0.9)(s2)
+        assert torch.equal(a.losses, b.losses)
+        for ga, gb in zip(_grads(a.losses, s1), _grads(b.losses, s2)):
+            assert torch.equal(ga, gb)
+        obj.after_step(None, lambda e=entropy: e)
+        assert obj.alpha == 0.9
+
+
+def test_entropy_target_fraction_state_round_trip():
+    """A fraction waits for the reference's entropy (0.8 nats -> target 0.4); alpha and the measured entropy
+    are state: a fresh objective loaded from state_dict continues identically."""
+    obj = HDPO(beta=0.1, alpha=1.0, entropy_target_fraction=0.5, alpha_lr=1.0)
+    assert obj.needs_reference_entropy and obj.target is None
+    with pytest.raises(ObjectiveConfigError, match="reference entropy was never set"):
+        obj.after_step(None, lambda: 0.3)
+    obj.set_reference_entropy(0.8)
+    assert not obj.needs_reference_entropy and obj.target == 0.4
+    obj.after_step(None, lambda: 0.6)  # 0.2 above: alpha = exp(-0.2)
+    assert obj.alpha == pytest.approx(math.exp(-0.2), rel=1e-15)
+    state = obj.state_dict()
+    assert state == {"alpha": obj.alpha, "reference_entropy": 0.8}
+    fresh = HDPO(beta=0.1, alpha=1.0, entropy_target_fraction=0.5, alpha_lr=1.0)
+    fresh.load_state_dict(state)
+    assert fresh.alpha == obj.alpha and fresh.target == 0.4
+    assert obj.after_step(None, lambda: 0.1) == fresh.after_step(None, lambda: 0.1)
+    # Without a target hdpo has no state and no extra hparams, as before.
+    assert HDPO(alpha=0.9).state_dict() == {} and HDPO(alpha=0.9).hparams() == {"beta": 0.1, "alpha": 0.9}
+
+
+def test_entropy_target_composes_with_entropy_alpha():
+    """epsilon_dpo (beta 0.5, e 0.25) with entropy_alpha 1 and a target 0.3, lr 0.5: one step with mean
+    beta step 0.4 and entropy 0.5 sets beta = 0.5/1.1 and entropy_alpha = exp(-0.1); both are state.
+    tdpo2's entropy_alpha moves the same way; its own alpha (0.5) does not."""
+    obj = build_objective("epsilon_dpo", beta=0.5, epsilon=0.25, entropy_target=0.3, alpha_lr=0.5)
+    assert obj.needs == frozenset({Stat.PERTURBED, Stat.ENTROPY})
+    record = obj.after_step(lambda: 0.4, lambda: 0.5)
+    assert record["beta/base_next"] == 0.5 / 1.1 and record["alpha/next"] == math.exp(-0.1)
+    assert obj.state_dict() == {"beta": 0.5 / 1.1, "alpha": math.exp(-0.1), "reference_entropy": None}
+    tdpo2 = build_objective("tdpo2", alpha=0.5, entropy_target=0.3, alpha_lr=0.5)
+    tdpo2.after_step(None, lambda: 0.5)
+    assert tdpo2.entropy_alpha == math.exp(-0.1) and tdpo2.alpha == 0.5
+    assert tdpo2.needs == frozenset({Stat.TOKEN_KL, Stat.ENTROPY})
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "match"),
+    [
+        ("hdpo", dict(entropy_target=0.3, entropy_target_fraction=0.5), "not both"),
+        ("hdpo", dict(entropy_target=-0.1), "entropy_target must be"),
+        ("hdpo", dict(entropy_target_fraction=0.0), "entropy_target_fraction must be"),
+        ("hdpo", dict(entropy_target=0.3, alpha=0.4), "alpha_min <= alpha <= alpha_max"),
+        ("hdpo", dict(entropy_target=0.3, alpha_min=1.2, alpha_max=1.5, alpha=1.0), "alpha_min <= alpha"),
+        ("hdpo", dict(entropy_target=0.3, alpha_lr=-1.0), "alpha_lr must be"),
+        ("hdpo", dict(alpha_lr=0.5), "set entropy_target or entropy_target_fraction"),
+        ("dpo", dict(entropy_target=0.3), "entropy target adapts H-DPO's alpha"),
+    ],
+)
+def test_entropy_target_validation(name, kwargs, match):
+    with pytest.raises(ObjectiveConfigError, match=match):
+        build_objective(name, **kwargs)

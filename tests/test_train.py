@@ -646,3 +646,148 @@ def test_deepspeed_settings_tether_cannot_honour_are_refused(train_yaml, entries
     config, _ = _config(train_yaml, optim=optim)
     with pytest.raises(ConfigError, match=match):
         _configure_deepspeed(_deepspeed_plugin(**entries), config, zero3=zero3)
+
+
+# --- H-DPO with an entropy target ----------------------------------------------------------------------------
+
+
+def _reference_token_entropy(config, model_dir, data, pairs=None) -> float:
+    """The initial model's token-mean entropy over every response token of `pairs` (default: every pair), from
+    its full logits (an independent computation of what an entropy_target_fraction multiplies)."""
+    from tether.data import PreferenceCollator, load_preference_data
+    from tether.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    dataset, _ = load_preference_data(
+        str(data), tokenizer, max_length=64, max_prompt_length=32, progress=False
+    )
+    pairs = range(len(dataset)) if pairs is None else pairs
+    batch = PreferenceCollator(tokenizer.pad_token_id)([dataset[i] for i in pairs])
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    logq = torch.log_softmax(logits[:, :-1], dim=-1)
+    mask = batch.labels[:, 1:] != -100
+    return float(-(logq.exp() * logq).sum(-1)[mask].mean())
+
+
+# The tiny model's entropy (about 4 nats per token) falls little in 4 steps: 0.9 of it keeps alpha off its
+# clamps (about -0.1 in log alpha per step).
+ENTROPY_TARGET = {"name": "hdpo", "beta": 0.5, "alpha": 1.0, "entropy_target_fraction": 0.9, "alpha_lr": 0.25}
+
+
+@pytest.mark.parametrize("mode", ["copy", "cache"])
+def test_entropy_target_moves_alpha_by_the_logged_entropy(train_yaml, tiny_model_dir, pairs_file, mode):
+    """hdpo with entropy_target_fraction 0.9: the target is 0.9 x the reference's entropy on the training
+    responses (computed independently from full logits), step k+1's loss uses the alpha step k left
+    (`alpha` == previous `alpha/next`), and each `alpha/next` is the dual step from the logged entropy.
+    At step 1 the policy is the reference: the step's entropy is above 0.9 of it, so alpha goes down; it
+    stays inside its clamps [0.5, 2] (the dual step is not trivially a clamp)."""
+    from tether.objectives import dual_alpha_step
+
+    config, _ = _config(
+        train_yaml, objective=ENTROPY_TARGET, reference={"mode": mode}, optim={"max_steps": 4}
+    )
+    train(config)
+    records = read_metrics(config.output_dir)
+    h_ref = _reference_token_entropy(config, tiny_model_dir, pairs_file)
+    alpha = 1.0
+    for r in records:
+        assert r["entropy/target"] == pytest.approx(0.9 * h_ref, rel=1e-6)
+        assert r["alpha"] == pytest.approx(alpha, rel=1e-6)  # the loss's alpha (a float32 metric)
+        assert r["alpha/next"] == dual_alpha_step(
+            alpha, r["entropy/step"], r["entropy/target"], 0.25, 0.5, 2.0
+        )
+        assert 0.5 < r["alpha/next"] < alpha  # above target every step, never clamped
+        alpha = r["alpha/next"]
+    # Step 1's entropy is the initial model's on step 1's pairs (policy == reference), from full logits.
+    _, first = step_pairs(24, config.optim.batch_size, 0, config.optim.seed, config.data.shuffle)
+    h_first = _reference_token_entropy(config, tiny_model_dir, pairs_file, first)
+    assert records[0]["entropy/step"] == pytest.approx(h_first, rel=1e-6)
+    assert records[0]["entropy/step"] > records[0]["entropy/target"]
+    assert records[0]["alpha/next"] < 1.0
+    state = json.loads((Path(config.output_dir) / "final" / "tether_objective.json").read_text())["state"]
+    assert state == {"alpha": alpha, "reference_entropy": pytest.approx(h_ref, rel=1e-6)}
+
+
+def test_entropy_target_resumes_bitwise(train_yaml, monkeypatch):
+    """A 4-step entropy-target run with a checkpoint at step 2, its final/ removed and resumed: every record
+    (alpha included) and the final weights equal the uninterrupted run's, and the reference's entropy comes
+    from the checkpoint (no second measuring pass)."""
+    from tether.reference import Reference
+
+    config, path = _config(
+        train_yaml,
+        objective=ENTROPY_TARGET,
+        optim={"max_steps": 4, "deterministic": True},
+        checkpoint={"every": 2, "keep_last": 3},
+    )
+    result = train(config)
+    full, weights = read_metrics(result.output_dir), load_weights(result.final_model)
+    assert len({r["alpha/next"] for r in full}) == 4  # alpha moved every step
+    shutil.rmtree(result.final_model)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the reference entropy was measured again on resume")
+
+    monkeypatch.setattr(Reference, "entropy_sums", no_pass)
+    again = train(load_config(path), resume=True)
+    assert _strip_timing(read_metrics(again.output_dir)) == _strip_timing(full)
+    resumed = load_weights(again.final_model)
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+
+
+_ALPHA_RANK_SCRIPT = """
+import json, os, sys
+import tether.objectives
+from tether.cli import main
+
+seen = []
+_after = tether.objectives.HDPO.after_step
+
+def _record(self, *args, **kwargs):  # every process's alpha after every step
+    out = _after(self, *args, **kwargs)
+    seen.append([self.alpha, self.target])
+    return out
+
+tether.objectives.HDPO.after_step = _record
+code = main(sys.argv[2:])
+with open(os.path.join(sys.argv[1], "alpha%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(seen, f)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_entropy_target_two_processes_agree(tmp_path, train_yaml, make_pairs, free_port):
+    """torchrun --nproc_per_node 2 (gloo): both processes hold the same target and alpha after every step
+    (bit for bit: the entropy is reduced over processes before the update), equal to 1 process with the
+    same global batch up to the order of float64 sums. 10 pairs, global batch 4: step 3 has 2 pairs."""
+    data = make_pairs(tmp_path / "pairs.jsonl", 10, seed=2)
+    optim = {"max_steps": 3, "lr": 1e-2, "adam_eps": 1e-3}
+    one, _ = _config(
+        train_yaml, "one", pairs=data, objective=ENTROPY_TARGET, optim={**optim, "batch_size": 4}
+    )
+    train(one)
+    two = train_yaml("two", pairs=data, objective=ENTROPY_TARGET, optim={**optim, "batch_size": 2})
+    script = tmp_path / "alpha_script.py"
+    script.write_text(_ALPHA_RANK_SCRIPT)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    proc = subprocess.run(
+        [*launch, str(script), str(tmp_path), "train", str(two)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "alpha0.json").read_text())
+    rank1 = json.loads((tmp_path / "alpha1.json").read_text())
+    assert len(rank0) == 3 and rank0 == rank1
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["alpha/next"] for r in m2] == [a for a, _ in rank0]
+    for a, b in zip(m1, m2):
+        for key in ("entropy/target", "entropy/step", "alpha/next"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+    assert m2[-1]["alpha/next"] != 1.0

@@ -84,6 +84,13 @@ class ObjectiveConfig:
     beta: float = 0.1  # KL strength (the base beta for epsilon_dpo)
     alpha: float | None = None  # H-DPO's entropy coefficient (hdpo) or TDPO2's alpha (tdpo2)
     entropy_alpha: float | None = None  # H-DPO's alpha composed with epsilon_dpo / tdpo1 / tdpo2
+    # Entropy target (hdpo; epsilon_dpo / tdpo1 / tdpo2 through entropy_alpha): alpha, starting at its
+    # configured value, moves after each step toward this policy entropy on the training responses.
+    entropy_target: float | None = None  # target token-mean policy entropy, nats per token
+    entropy_target_fraction: float | None = None  # or: that fraction of the reference's (measured once)
+    alpha_lr: float | None = None  # step size on log alpha per nat of entropy error (default 0.1)
+    alpha_min: float | None = None  # lower clamp of alpha (default 0.5)
+    alpha_max: float | None = None  # upper clamp of alpha (default 2.0)
     epsilon: float | None = None  # epsilon-DPO's perturbation size, in (0, 1)
     label_smoothing: float | None = None  # cDPO's label noise, in [0, 0.5)
     length_normalize: bool | None = None  # IPO: divide log-ratios by response length (TRL's ipo)
@@ -94,7 +101,18 @@ class ObjectiveConfig:
         """Arguments of `build_objective`: beta, every field that was set, and the loss mixture's weights
         when they are not 1 and 0."""
         out = {"beta": self.beta}
-        for name in ("alpha", "entropy_alpha", "epsilon", "label_smoothing", "length_normalize"):
+        for name in (
+            "alpha",
+            "entropy_alpha",
+            "epsilon",
+            "label_smoothing",
+            "length_normalize",
+            "entropy_target",
+            "entropy_target_fraction",
+            "alpha_lr",
+            "alpha_min",
+            "alpha_max",
+        ):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value

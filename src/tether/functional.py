@@ -45,6 +45,12 @@ def preference_loss(
         raise ValueError(
             f"expected logits (2B, T, V) and labels (2B, T); got {tuple(policy_logits.shape)}, {tuple(labels.shape)}"
         )
+    if {"entropy_target", "entropy_target_fraction"} & set(hparams):
+        raise ValueError(
+            "an entropy target moves alpha after each optimizer step, which one loss call cannot do: use the"
+            " fixed alpha here, or build the objective with tether.objectives.build_objective and call its"
+            " after_step(None, lambda: step_entropy) after each step of your loop (docs/objectives.md)"
+        )
     objective = build_objective(name, **hparams)
     mask, targets = response_positions(labels)
     tokens = token_stats_from_logits(

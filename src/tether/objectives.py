@@ -14,6 +14,13 @@ logp by alpha*logp inside the log-ratio; it is accepted as `entropy_alpha` by
 entropy_alpha = 1 (the default) is the plain method. dpo/ipo/cdpo reject it (use `hdpo` for DPO with alpha;
 IPO's and cDPO's papers define no entropy-controlled form).
 
+Entropy target (beyond the paper): hdpo, and epsilon_dpo / tdpo1 / tdpo2 with entropy_alpha, accept
+`entropy_target` (nats per token) or `entropy_target_fraction` (of the reference's per-token entropy on the
+training responses, measured once before training), with `alpha_lr`, `alpha_min`, `alpha_max`: after each
+optimizer step alpha <- clamp(alpha * exp(-alpha_lr * (H_step - H_target)), alpha_min, alpha_max), H_step the
+policy's token-mean entropy on the step's responses over every process (`dual_alpha_step`; the derivation
+is in docs/objectives.md, "H-DPO with an entropy target"). The step's own loss used the old alpha.
+
 Loss mixture: every objective adds TRL's SFT term (`sft_term`, the chosen responses' token-mean NLL) with
 `build_objective(name, weight=w, sft_weight=s)`: loss = w * (objective) + s * sft, rewards and metrics the
 objective's (plus `loss/<name>` and `loss/sft`). That is TRL's `loss_type: [<loss>, sft]` with
@@ -187,14 +194,30 @@ class Objective(ABC):
         """The token statistics this objective reads (from `needs`)."""
         return StatRequest(kl=Stat.TOKEN_KL in self.needs, entropy=Stat.ENTROPY in self.needs)
 
-    def after_step(self, mean_beta_step: Callable[[], float] | None) -> dict[str, float]:
+    def after_step(
+        self,
+        mean_beta_step: Callable[[], float] | None,
+        token_entropy: Callable[[], float] | None = None,
+    ) -> dict[str, float | None]:
         """Called once per optimizer step on every process, after the step; returns metrics for its record.
 
         mean_beta_step: None if the step was skipped (non-finite); else a function giving the mean of
         `ObjectiveOutput.beta_steps` over the step's pairs on all processes (an all-reduce, run only if called,
-        and then on every process). State changed here is what `state_dict` checkpoints. No-op by default.
+        and then on every process). token_entropy: None if the step was skipped; else a function giving the
+        policy's token-mean entropy over every response token (chosen and rejected) of the step's pairs on all
+        processes (an all-reduce, likewise; needs Stat.ENTROPY). State changed here is what `state_dict`
+        checkpoints. No-op by default.
         """
         return {}
+
+    @property
+    def needs_reference_entropy(self) -> bool:
+        """True while the objective waits for `set_reference_entropy` (an entropy target given as a fraction)."""
+        return False
+
+    def set_reference_entropy(self, entropy: float) -> None:
+        """The reference's per-token entropy on the training responses (nats), measured before training."""
+        raise ValueError(f"objective '{self.name}' has no entropy target given as a fraction")
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -313,19 +336,185 @@ class IPO(Objective):
         return _metrics(out, stats)
 
 
-class HDPO(Objective):
+# Defaults of the entropy target's alpha control (docs/objectives.md, "H-DPO with an entropy target").
+ALPHA_LR = 0.1  # per step and per nat of error: a 0.1-nat gap moves alpha by 1% per step, e-fold in 100 steps
+ALPHA_MIN = 0.5  # below it the policy's log-prob has half DPO's weight in the log-ratio; the paper used 0.8-1
+ALPHA_MAX = 2.0  # the mirror image of ALPHA_MIN in log alpha; the paper's largest alpha was 1.1
+
+
+def dual_alpha_step(
+    alpha: float, entropy: float, target: float, lr: float, alpha_min: float, alpha_max: float
+) -> float:
+    """One dual step on H-DPO's entropy coefficient: log alpha <- log alpha - lr * (entropy - target),
+    then alpha clamped to [alpha_min, alpha_max] (docs/objectives.md, "H-DPO with an entropy target").
+
+    Entropy above target lowers alpha (sharpens), below raises it. Written alpha * exp(-lr * error), which is
+    the same update and returns alpha bit for bit when lr * error == 0.
+    """
+    return min(max(alpha * math.exp(-lr * (entropy - target)), alpha_min), alpha_max)
+
+
+class _EntropyTarget:
+    """H-DPO's entropy coefficient adapted toward a target per-token policy entropy, for the objectives that
+    carry it (`hdpo`'s alpha; `entropy_alpha` of epsilon_dpo, tdpo1, tdpo2). Mixed in before `Objective`.
+
+    Without a target (both None) nothing changes: no entropy is requested, no state, no extra hparams.
+    """
+
+    _alpha_name: ClassVar[str] = "entropy_alpha"  # the attribute that holds the coefficient
+    _needs: ClassVar[frozenset[Stat]] = frozenset()  # the objective's own statistics
+
+    def _init_target(
+        self,
+        entropy_target: float | None,
+        entropy_target_fraction: float | None,
+        alpha_lr: float,
+        alpha_min: float,
+        alpha_max: float,
+    ) -> None:
+        alpha = getattr(self, self._alpha_name)
+        _require(
+            entropy_target is None or entropy_target_fraction is None,
+            "give entropy_target (nats per token) or entropy_target_fraction (of the reference's entropy),"
+            " not both",
+        )
+        if entropy_target is not None:
+            _require(
+                math.isfinite(entropy_target) and entropy_target > 0,
+                f"entropy_target must be a finite number > 0 (nats per token), got {entropy_target!r}",
+            )
+            entropy_target = float(entropy_target)
+        if entropy_target_fraction is not None:
+            _require(
+                math.isfinite(entropy_target_fraction) and entropy_target_fraction > 0,
+                f"entropy_target_fraction must be a finite number > 0, got {entropy_target_fraction!r}",
+            )
+            entropy_target_fraction = float(entropy_target_fraction)
+        _require(
+            math.isfinite(alpha_lr) and alpha_lr >= 0,
+            f"alpha_lr must be a finite number >= 0, got {alpha_lr!r}",
+        )
+        alpha_min, alpha_max = _check_alpha(alpha_min, "alpha_min"), _check_alpha(alpha_max, "alpha_max")
+        _require(
+            alpha_min <= alpha <= alpha_max,
+            f"need alpha_min <= {self._alpha_name} <= alpha_max, got {alpha_min} <= {alpha} <= {alpha_max}",
+        )
+        self.entropy_target, self.entropy_target_fraction = entropy_target, entropy_target_fraction
+        self.alpha_lr, self.alpha_min, self.alpha_max = float(alpha_lr), alpha_min, alpha_max
+        self.reference_entropy: float | None = None  # measured before training (fraction only): state
+        if not self.targeted and (alpha_lr, alpha_min, alpha_max) != (ALPHA_LR, ALPHA_MIN, ALPHA_MAX):
+            raise ObjectiveConfigError(
+                "alpha_lr, alpha_min and alpha_max control alpha toward an entropy target: set entropy_target"
+                " or entropy_target_fraction too"
+            )
+
+    @property
+    def targeted(self) -> bool:
+        return self.entropy_target is not None or self.entropy_target_fraction is not None
+
+    @property
+    def needs(self) -> frozenset[Stat]:  # type: ignore[override]
+        return self._needs | ({Stat.ENTROPY} if self.targeted else frozenset())
+
+    @property
+    def target(self) -> float | None:
+        """The target per-token entropy in nats (None while a fraction waits for the reference's entropy)."""
+        if self.entropy_target is not None:
+            return self.entropy_target
+        if self.entropy_target_fraction is None or self.reference_entropy is None:
+            return None
+        return self.entropy_target_fraction * self.reference_entropy
+
+    @property
+    def needs_reference_entropy(self) -> bool:
+        return self.entropy_target_fraction is not None and self.reference_entropy is None
+
+    def set_reference_entropy(self, entropy: float) -> None:
+        entropy = float(entropy)
+        _require(self.entropy_target_fraction is not None, "no entropy_target_fraction to resolve")
+        _require(math.isfinite(entropy) and entropy > 0, f"reference entropy must be > 0, got {entropy!r}")
+        self.reference_entropy = entropy
+
+    def _alpha_metrics(self, out: ObjectiveOutput) -> ObjectiveOutput:
+        if self.targeted:  # the alpha this step's loss used
+            out.metrics["alpha"] = torch.tensor(getattr(self, self._alpha_name), dtype=out.losses.dtype)
+        return out
+
+    def _target_step(self, token_entropy: Callable[[], float] | None) -> dict[str, float | None]:
+        """The dual step after an optimizer step (None: the step was skipped, alpha stays)."""
+        if not self.targeted:
+            return {}
+        target = self.target
+        _require(target is not None, "the reference entropy was never set (set_reference_entropy)")
+        entropy = None
+        if token_entropy is not None:
+            entropy = float(token_entropy())
+            alpha = dual_alpha_step(
+                getattr(self, self._alpha_name),
+                entropy,
+                target,
+                self.alpha_lr,
+                self.alpha_min,
+                self.alpha_max,
+            )
+            setattr(self, self._alpha_name, alpha)
+        return {
+            "alpha/next": getattr(self, self._alpha_name),
+            "entropy/target": target,
+            "entropy/step": entropy,
+        }
+
+    def after_step(self, mean_beta_step, token_entropy=None):
+        return self._target_step(token_entropy)
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.targeted:
+            return {}
+        return {"alpha": getattr(self, self._alpha_name), "reference_entropy": self.reference_entropy}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.targeted:
+            Objective.load_state_dict(self, state)  # type: ignore[arg-type]
+            return
+        setattr(self, self._alpha_name, _check_alpha(float(state["alpha"]), self._alpha_name))
+        ref = state["reference_entropy"]
+        self.reference_entropy = None if ref is None else float(ref)
+
+    def hparams(self) -> dict[str, Any]:
+        out = Objective.hparams(self)  # type: ignore[arg-type]
+        if not self.targeted:
+            for name in ("entropy_target", "entropy_target_fraction", "alpha_lr", "alpha_min", "alpha_max"):
+                out.pop(name)
+        return out
+
+
+class HDPO(_EntropyTarget, Objective):
     """H-DPO (Omura et al. 2024, arXiv 2411.07595, the H-DPO loss):
     loss = -log sigma(beta * [(alpha*pw - rw) - (alpha*pl - rl)]).
 
     From max E[r] - beta*(-alpha*H(pi) + CE(pi, pi_ref)); alpha < 1 sharpens the policy, alpha > 1 keeps
     diversity, alpha = 1 is DPO exactly. Rewards are reported with the same alpha.
+
+    With entropy_target (nats per token) or entropy_target_fraction, alpha is state, moved after each
+    optimizer step toward that policy entropy (`dual_alpha_step`; `_EntropyTarget`), starting at `alpha`.
     """
 
     name = "hdpo"
+    _alpha_name = "alpha"
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.95):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        alpha: float = 0.95,
+        entropy_target: float | None = None,
+        entropy_target_fraction: float | None = None,
+        alpha_lr: float = ALPHA_LR,
+        alpha_min: float = ALPHA_MIN,
+        alpha_max: float = ALPHA_MAX,
+    ):
         self.beta = _check_beta(beta)
         self.alpha = _check_alpha(alpha)
+        self._init_target(entropy_target, entropy_target_fraction, alpha_lr, alpha_min, alpha_max)
 
     def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         a = self.alpha
@@ -336,7 +525,7 @@ class HDPO(Objective):
             rejected_rewards=self.beta
             * (a * stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
         )
-        return _metrics(out, stats)
+        return _metrics(self._alpha_metrics(out), stats)
 
 
 def epsilon_steps(stats: PairStats) -> torch.Tensor:
@@ -354,24 +543,35 @@ def epsilon_steps(stats: PairStats) -> torch.Tensor:
     return relax.to(z.dtype) - tighten.to(z.dtype)
 
 
-class EpsilonDPO(Objective):
+class EpsilonDPO(_EntropyTarget, Objective):
     """epsilon-DPO (arXiv 2502.13177, the per-pair loss with the authors' beta update): per-pair beta_i = beta / (1 + e * s_i),
     loss = -log sigma(beta_i * [(a*pw - rw) - (a*pl - rl)]), s_i from `epsilon_steps` (a = entropy_alpha,
     H-DPO's coefficient; 1 is plain epsilon-DPO).
 
     The base beta is state: after each optimizer step, `after_step` calls `update_base_beta(m)`, which sets
     beta <- beta / (1 + e*m), m = mean of s over that step's pairs on every process. The step's own loss used
-    the old beta.
+    the old beta. With an entropy target, entropy_alpha is state too (`_EntropyTarget`), updated after beta.
     """
 
     name = "epsilon_dpo"
-    needs = frozenset({Stat.PERTURBED})
+    _needs = frozenset({Stat.PERTURBED})
 
-    def __init__(self, beta: float = 0.1, epsilon: float = 0.01, entropy_alpha: float = 1.0):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        epsilon: float = 0.01,
+        entropy_alpha: float = 1.0,
+        entropy_target: float | None = None,
+        entropy_target_fraction: float | None = None,
+        alpha_lr: float = ALPHA_LR,
+        alpha_min: float = ALPHA_MIN,
+        alpha_max: float = ALPHA_MAX,
+    ):
         self.beta = _check_beta(beta)
         _require(math.isfinite(epsilon) and 0 < epsilon < 1, f"epsilon must be in (0, 1), got {epsilon!r}")
         self.epsilon = float(epsilon)
         self.entropy_alpha = _check_alpha(entropy_alpha, "entropy_alpha")
+        self._init_target(entropy_target, entropy_target_fraction, alpha_lr, alpha_min, alpha_max)
 
     def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         for name in ("relaxed_chosen_logps", "relaxed_rejected_logps"):
@@ -389,7 +589,7 @@ class EpsilonDPO(Objective):
         out.metrics["beta/base"] = torch.tensor(self.beta, dtype=beta_i.dtype)
         out.metrics["beta/relaxed_frac"] = (s > 0).to(beta_i.dtype).mean()
         out.metrics["beta/tightened_frac"] = (s < 0).to(beta_i.dtype).mean()
-        return _metrics(out, stats)
+        return _metrics(self._alpha_metrics(out), stats)
 
     def update_base_beta(self, mean_step: float) -> float:
         """beta <- beta / (1 + e * m); m is the mean step over the optimizer step's pairs (all processes)."""
@@ -403,20 +603,26 @@ class EpsilonDPO(Objective):
             super().stat_request(), epsilon=self.epsilon
         )  # the perturbed log-probs (Stat.PERTURBED)
 
-    def after_step(self, mean_beta_step: Callable[[], float] | None) -> dict[str, float]:
+    def after_step(
+        self,
+        mean_beta_step: Callable[[], float] | None,
+        token_entropy: Callable[[], float] | None = None,
+    ) -> dict[str, float | None]:
         if mean_beta_step is not None:  # a skipped step leaves beta as it was
             self.update_base_beta(mean_beta_step())
-        return {"beta/base_next": self.beta}
+        return {"beta/base_next": self.beta, **self._target_step(token_entropy)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"beta": self.beta}
+        return {"beta": self.beta, **super().state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = _check_beta(float(state["beta"]))
+        if self.targeted:
+            super().load_state_dict(state)
 
 
-class _TDPOBase(Objective):
-    needs = frozenset({Stat.TOKEN_KL})
+class _TDPOBase(_EntropyTarget, Objective):
+    _needs = frozenset({Stat.TOKEN_KL})
 
     def _parts(self, stats: PairStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kl_w = _stat(stats, "kl_chosen", self.name)
@@ -434,7 +640,7 @@ class _TDPOBase(Objective):
         )
         out.metrics["kl/seq_chosen"] = kl_w.detach().mean()
         out.metrics["kl/seq_rejected"] = kl_l.detach().mean()
-        return _metrics(out, stats)
+        return _metrics(self._alpha_metrics(out), stats)
 
 
 class TDPO1(_TDPOBase):
@@ -445,9 +651,19 @@ class TDPO1(_TDPOBase):
 
     name = "tdpo1"
 
-    def __init__(self, beta: float = 0.1, entropy_alpha: float = 1.0):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        entropy_alpha: float = 1.0,
+        entropy_target: float | None = None,
+        entropy_target_fraction: float | None = None,
+        alpha_lr: float = ALPHA_LR,
+        alpha_min: float = ALPHA_MIN,
+        alpha_max: float = ALPHA_MAX,
+    ):
         self.beta = _check_beta(beta)
         self.entropy_alpha = _check_alpha(entropy_alpha, "entropy_alpha")
+        self._init_target(entropy_target, entropy_target_fraction, alpha_lr, alpha_min, alpha_max)
 
     def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         u, kl_w, kl_l = self._parts(stats)
@@ -462,10 +678,21 @@ class TDPO2(_TDPOBase):
 
     name = "tdpo2"
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.5, entropy_alpha: float = 1.0):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        alpha: float = 0.5,
+        entropy_alpha: float = 1.0,
+        entropy_target: float | None = None,
+        entropy_target_fraction: float | None = None,
+        alpha_lr: float = ALPHA_LR,
+        alpha_min: float = ALPHA_MIN,
+        alpha_max: float = ALPHA_MAX,
+    ):
         self.beta = _check_beta(beta)
         self.alpha = _check_alpha(alpha)
         self.entropy_alpha = _check_alpha(entropy_alpha, "entropy_alpha")
+        self._init_target(entropy_target, entropy_target_fraction, alpha_lr, alpha_min, alpha_max)
 
     def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         u, kl_w, kl_l = self._parts(stats)
@@ -497,7 +724,12 @@ def build_objective(name: str, weight: float = 1.0, sft_weight: float = 0.0, **h
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         hint = ""
-        if "entropy_alpha" in unknown:
+        if {"entropy_target", "entropy_target_fraction"} & set(unknown):
+            hint = (
+                " An entropy target adapts H-DPO's alpha: objectives hdpo, epsilon_dpo, tdpo1 and tdpo2 accept"
+                " it (use hdpo for DPO with an entropy target)."
+            )
+        elif "entropy_alpha" in unknown:
             hint = (
                 " H-DPO's entropy coefficient composes only with epsilon_dpo, tdpo1 and tdpo2 (as"
                 " entropy_alpha); for DPO with alpha use objective 'hdpo' and its 'alpha'."

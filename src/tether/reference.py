@@ -11,7 +11,8 @@ Three sources, one interface (`Reference`); memory cost for a model of P paramet
   distributions (tdpo1, tdpo2, epsilon_dpo) cache the reference's final hidden states of every response token
   (H * 4 bytes per token in float32, the default, or H * 2 in float16/bfloat16; on disk, memory-mapped) and
   its output head (weight, bias and `HeadTransform`, in meta.json), from which the chunked head recomputes
-  the reference logits exactly up to the cache dtype's rounding.
+  the reference logits exactly up to the cache dtype's rounding. Every cache also holds the reference's summed
+  next-token entropy per response (`Reference.entropy_sums`, for an entropy target given as a fraction).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from torch import nn
 
 from tether.batch import PreferenceBatch
 from tether.causal_lm import final_hidden_states, output_head
-from tether.heads import IDENTITY, HeadTransform, response_positions, sequence_sums, token_stats
+from tether.heads import (
+    IDENTITY,
+    HeadTransform,
+    StatRequest,
+    response_positions,
+    sequence_sums,
+    token_stats,
+)
 
 
 class Reference(ABC):
@@ -44,6 +52,31 @@ class Reference(ABC):
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None, HeadTransform]:
         """The reference's output embedding (V, H), bias (V,) or None, and its head transform."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def entropy_sums(
+        self, dataset, collate, indices: list[int], *, batch_size: int, chunk_size: int, device
+    ) -> torch.Tensor:
+        """(2,) float64: the reference's next-token entropy summed over every response token (chosen and
+        rejected) of the pairs `indices` of `dataset`, and the number of those tokens. One reference pass."""
+        weight, bias, transform = self.head()
+        out = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            batch = collate([dataset[i] for i in idx]).to(device)
+            mask, targets = response_positions(batch.labels)
+            tokens = token_stats(
+                self.hidden(batch, idx, mask),
+                weight,
+                targets,
+                bias=bias,
+                request=StatRequest(entropy=True),
+                chunk_size=chunk_size,
+                transform=transform,
+            )
+            out[0] += tokens.entropy.double().sum().cpu()
+            out[1] += float(mask.sum())
+        return out
 
 
 class ModelReference(Reference):
@@ -100,6 +133,7 @@ class CachedReference(Reference):
         self.logps = tensors["logps"]  # (P, 2): chosen, rejected
         self.lengths = tensors["lengths"]  # (P, 2) response tokens per side
         self.offsets = tensors["offsets"]  # (P, 2) start row of each side in hidden.npy
+        self.entropy = tensors["entropy"]  # (P, 2) summed reference token entropy per side, float64
         self.has_hidden = bool(meta["hidden"])
         self._weight = tensors.get("head_weight")
         self._bias = tensors.get("head_bias")
@@ -145,6 +179,11 @@ class CachedReference(Reference):
         bias = None if self._bias is None else self._bias.to(self.device)
         return self._weight.to(self.device), bias, self._transform
 
+    def entropy_sums(self, dataset, collate, indices, *, batch_size, chunk_size, device):
+        """As `Reference.entropy_sums`, read from the cache (no pass)."""
+        idx = torch.tensor(indices, dtype=torch.long)
+        return torch.stack([self.entropy[idx].sum(), self.lengths[idx].sum().double()])
+
 
 @torch.no_grad()
 def build_reference_cache(
@@ -164,7 +203,7 @@ def build_reference_cache(
     """One pass of the reference over `dataset` (in index order); writes the cache atomically to `folder`.
 
     collate: list of dataset items -> PreferenceBatch. Stores per pair the chosen / rejected reference
-    log-probs (float32) and, if store_hidden, every response token's final hidden state in hidden_dtype.
+    log-probs (float32), the summed next-token entropy of each response (float64) and, if store_hidden, every response token's final hidden state in hidden_dtype.
     key: JSON-serializable description of what the cache was built from, stored in meta.json so that a
     caller can tell a stale cache from a reusable one.
     """
@@ -177,6 +216,7 @@ def build_reference_cache(
     weight, bias, transform = output_head(model)
     n = len(dataset)
     logps = torch.zeros(n, 2, dtype=torch.float32)
+    entropy = torch.zeros(n, 2, dtype=torch.float64)
     lengths = torch.zeros(n, 2, dtype=torch.long)
     for i in range(n):
         item = dataset[i]
@@ -206,10 +246,20 @@ def build_reference_cache(
                 "response token counts differ between the dataset items and their collated batch"
             )
         hidden = final_hidden_states(model, batch)[:, :-1][mask]
-        tokens = token_stats(hidden, weight, targets, bias=bias, chunk_size=chunk_size, transform=transform)
+        tokens = token_stats(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            request=StatRequest(entropy=True),
+            chunk_size=chunk_size,
+            transform=transform,
+        )
         seq = sequence_sums(tokens.logps, mask).float().cpu()
+        ent = sequence_sums(tokens.entropy.double(), mask).cpu()
         b = len(idx)
         logps[idx, 0], logps[idx, 1] = seq[:b], seq[b:]
+        entropy[idx, 0], entropy[idx, 1] = ent[:b], ent[b:]
         if hidden_store is not None:
             rows = hidden.to(hidden_dtype).cpu()
             if hidden_dtype == torch.bfloat16:
@@ -223,7 +273,7 @@ def build_reference_cache(
                     pos += k
         bar.update(b)
     bar.close()
-    tensors = {"logps": logps, "lengths": lengths, "offsets": offsets}
+    tensors = {"logps": logps, "lengths": lengths, "offsets": offsets, "entropy": entropy}
     if store_hidden:
         hidden_store.flush()
         del hidden_store

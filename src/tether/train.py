@@ -412,7 +412,9 @@ def _cache_key(config: TrainConfig, pairs: int, store_hidden: bool) -> dict[str,
             {
                 # 2: caches record and apply the model's head transform (logit scale, soft-cap); a cache
                 # written before it holds wrong log-probs for such models and is rebuilt.
-                "format": 2,
+                # 3: caches hold the reference's summed token entropy per response (an entropy target's
+                # fraction reads it).
+                "format": 3,
                 "reference": hub.identity(reference, revision),
                 "weights": _stamps(Path(hub.local_path(reference, revision)), "*.safetensors"),
                 "adapter": hub.identity(adapter),
@@ -502,6 +504,13 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     collate = PreferenceCollator(tokenizer.pad_token_id)
 
     policy, reference = _setup_policy(config, accelerator, engine, objective, dataset, collate)
+    if objective.needs_reference_entropy and not _restores_objective(start):
+        objective.set_reference_entropy(_reference_entropy(config, accelerator, reference, dataset, collate))
+        if main:
+            print(
+                "[tether] the reference's per-token entropy on the training responses:"
+                f" {objective.reference_entropy:.4f} nats; entropy target {objective.target:.4f}"
+            )
     model, optimizer, scheduler = _setup_optimizer(config, accelerator, engine, policy, total_steps)
     skipped_steps = _restore(accelerator, start, objective)
     if main:
@@ -784,13 +793,35 @@ def _setup_optimizer(
     return model, optimizer, scheduler
 
 
+def _reference_entropy(config: TrainConfig, accelerator, reference: Reference, dataset, collate) -> float:
+    """The reference's token-mean next-token entropy over every response token (chosen and rejected) of the
+    training pairs: one reference pass before training (read from a reference cache), each process taking
+    pairs rank, rank + W, ..., the sums added over processes (every process gets the same value)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sums = reference.entropy_sums(
+        dataset,
+        collate,
+        list(range(rank, len(dataset), world)),
+        batch_size=config.optim.batch_size,
+        chunk_size=config.optim.chunk_size,
+        device=accelerator.device,
+    )
+    total, tokens = accelerator.reduce(sums.to(accelerator.device), reduction="sum").tolist()
+    return total / tokens
+
+
+def _restores_objective(start: ResumePoint) -> bool:
+    """True when `_restore` will load the objective's state from the checkpoint (the objective unchanged)."""
+    return start.checkpoint is not None and not any(key.startswith("objective.") for key in start.changed)
+
+
 def _restore(accelerator, start: ResumePoint, objective: Objective) -> int:
     """Load the checkpoint `start` continues from, if any (weights, optimizer, schedule, RNG, the objective's
     state); returns the steps skipped so far."""
     if start.checkpoint is None:
         return 0
     accelerator.load_state(str(start.checkpoint))
-    if not any(key.startswith("objective.") for key in start.changed):
+    if _restores_objective(start):
         objective.load_state_dict(start.state["objective"])
     elif accelerator.is_main_process:  # (allow_changed_config) the old objective's state does not apply
         print("[tether] the objective changed: its state (e.g. epsilon-DPO's beta) starts from the config")
@@ -810,6 +841,7 @@ class _StepSums:
     pair_count: torch.Tensor  # pairs counted (a zero-weight filler counts none), 0-dim
     tokens: int  # response tokens of the counted pairs
     beta_steps: torch.Tensor  # sum of ObjectiveOutput.beta_steps over the counted pairs, float64 0-dim
+    entropy: torch.Tensor  # (summed policy entropy, tokens) of the counted pairs' responses, float64 (2,)
     nonfinite: torch.Tensor  # micro-batches with a non-finite loss, 0-dim
     bad_rows: list[int]  # data rows whose loss was non-finite
 
@@ -851,7 +883,7 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
             run.bar.write(
                 f"[tether] step {step + 1}: non-finite loss/gradient, step skipped ({run.skipped_steps} so far)"
             )
-        mean_beta_step = None
+        mean_beta_step = token_entropy = None
     else:
         run.optimizer.step()
         run.scheduler.step()
@@ -860,7 +892,13 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
         def mean_beta_step() -> float:
             return float(accelerator.reduce(sums.beta_steps, reduction="sum")) / len(pairs)
 
-    objective_metrics = run.objective.after_step(mean_beta_step)
+        def token_entropy() -> float:
+            total, tokens = accelerator.reduce(sums.entropy, reduction="sum").tolist()
+            if tokens == 0:
+                raise RuntimeError("the objective asked for the step's entropy, which was not computed")
+            return total / tokens
+
+    objective_metrics = run.objective.after_step(mean_beta_step, token_entropy)
     means, counted, tokens = _reduce_metrics(accelerator, sums)
     return {
         "step": step + 1,
@@ -888,6 +926,7 @@ def _accumulate_gradients(run: _Run, pairs: list[int]) -> _StepSums:
         pair_count=torch.zeros((), device=device),
         tokens=0,
         beta_steps=torch.zeros((), dtype=torch.float64, device=device),
+        entropy=torch.zeros(2, dtype=torch.float64, device=device),
         nonfinite=torch.zeros((), device=device),
         bad_rows=[],
     )
@@ -929,6 +968,9 @@ def _accumulate_gradients(run: _Run, pairs: list[int]) -> _StepSums:
             sums.tokens += batch.num_response_tokens()
             if out.beta_steps is not None:
                 sums.beta_steps += out.beta_steps.detach().double().sum()
+            if stats.entropy_chosen is not None:
+                sums.entropy[0] += stats.entropy_chosen.double().sum() + stats.entropy_rejected.double().sum()
+                sums.entropy[1] += float(stats.chosen_lengths.sum() + stats.rejected_lengths.sum())
     return sums
 
 
