@@ -314,17 +314,7 @@ def _run_pretrained(
         out,
         model_dir,
         data_path,
-        [
-            "data.max_length=192",  # system + user turn ~50 tokens, responses <= 64 new tokens
-            "data.max_prompt_length=96",
-            "objective.beta=0.2",
-            "optim.lr=1e-5",
-            f"optim.batch_size={sizes.batch_size}",
-            "optim.scheduler=cosine",
-            "optim.warmup_steps=2",
-            f"optim.max_steps={sizes.train_steps}",
-            "optim.epochs=100",  # max_steps decides
-        ],
+        pretrained_settings(sizes),
         progress,
         seed,
     )
@@ -333,22 +323,7 @@ def _run_pretrained(
     # 4. Evaluation, plots, report.
     _stage(4, f"evaluating the reference and {len(runs)} policies")
     t0 = time.perf_counter()
-    evaluation = _evaluate(
-        out,
-        model_dir,
-        runs,
-        progress,
-        task=task.name,
-        prompts=sizes.eval_prompts,
-        samples=sizes.eval_samples,
-        temperatures=(1.0,),
-        max_new_tokens=task.max_new_tokens,
-        diversity_unit="word",
-        batch_size=sizes.eval_prompts * sizes.eval_samples,  # one sampling call per model
-        # tether eval's default sampler: each prompt prefilled once, its KV cache shared by its samples
-        # (benchmarks/sampling.py: about 2x plain generate on SmolLM2). Same distribution, other draws.
-        sampler="shared_prefix",
-    )
+    evaluation = pretrained_evaluation(out, model_dir, runs, progress, task.name, sizes)
     timings["eval"] = time.perf_counter() - t0
     figures = _plot_training(out, runs)
     summary = {
@@ -386,16 +361,62 @@ def _run_pretrained(
     return _write_report(out, intro, closing, runs, evaluation, figures, summary["levers"])
 
 
+def pretrained_settings(sizes: PretrainedSizes) -> list[str]:
+    """The training overrides of the demo on a pretrained model (besides paths, seed and objective)."""
+    return [
+        "data.max_length=192",  # system + user turn ~50 tokens, responses <= 64 new tokens
+        "data.max_prompt_length=96",
+        "objective.beta=0.2",
+        "optim.lr=1e-5",
+        f"optim.batch_size={sizes.batch_size}",
+        "optim.scheduler=cosine",
+        "optim.warmup_steps=2",
+        f"optim.max_steps={sizes.train_steps}",
+        "optim.epochs=100",  # max_steps decides
+    ]
+
+
+def pretrained_evaluation(
+    out: Path, model_dir: Path, runs: dict[str, Path], progress: bool, task: str, sizes: PretrainedSizes
+) -> dict[str, Any]:
+    """The pretrained demo's evaluation (into out/eval): the reference and every run at T=1 on the task."""
+    from tether.chat_tasks import get_chat_task
+
+    return _evaluate(
+        out,
+        model_dir,
+        runs,
+        progress,
+        task=task,
+        prompts=sizes.eval_prompts,
+        samples=sizes.eval_samples,
+        temperatures=(1.0,),
+        max_new_tokens=get_chat_task(task).max_new_tokens,
+        diversity_unit="word",
+        batch_size=sizes.eval_prompts * sizes.eval_samples,  # one sampling call per model
+        # tether eval's default sampler: each prompt prefilled once, its KV cache shared by its samples
+        # (benchmarks/sampling.py: about 2x plain generate on SmolLM2). Same distribution, other draws.
+        sampler="shared_prefix",
+    )
+
+
 def _train_policies(
-    out: Path, ref_dir: Path, data_path: Path, settings: list[str], progress: bool, seed: int
+    out: Path,
+    ref_dir: Path,
+    data_path: Path,
+    settings: list[str],
+    progress: bool,
+    seed: int,
+    objectives: list[tuple[str, list[str]]] = DEMO_OBJECTIVES,
 ) -> dict[str, Path]:
-    """One `tether.train.train` run per DEMO_OBJECTIVES entry from ref_dir on data_path; returns name -> run."""
+    """One `tether.train.train` run per `objectives` entry (name, overrides) from ref_dir on data_path;
+    returns name -> run folder."""
     from tether.config import load_config
     from tether.train import train
 
     runs: dict[str, Path] = {}
-    for index, (name, overrides) in enumerate(DEMO_OBJECTIVES, 1):
-        _stage(3, f"training {name} ({index}/{len(DEMO_OBJECTIVES)})")
+    for index, (name, overrides) in enumerate(objectives, 1):
+        _stage(3, f"training {name} ({index}/{len(objectives)})")
         config = load_config(
             None,
             [

@@ -86,8 +86,8 @@ def make_loader(original: Callable, holder: dict[str, Any] | None = None, **prob
     """Wrap `tether.train.load_causal_lm`: the first model loaded (the policy) gets the probes."""
     holder = {} if holder is None else holder
 
-    def load(path, config):
-        model = original(path, config)
+    def load(path, config, *args, **kwargs):  # the signature of load_causal_lm, whatever it grows
+        model = original(path, config, *args, **kwargs)
         if "policy" not in holder:
             holder["policy"] = model
             holder["state"] = install(model, **probe_kwargs)
