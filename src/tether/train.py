@@ -855,6 +855,7 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
         len(run.dataset), run.global_batch, step, config.optim.seed, config.data.shuffle
     )
     sums = _accumulate_gradients(run, pairs)
+    learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step uses (what TRL logs)
     # Every process agrees on a non-finite step: the flag is summed over processes.
     bad = accelerator.reduce(sums.nonfinite, reduction="sum")
     # All parameters (frozen ones have no gradient): accelerate's FSDP clipping needs the model's list.
@@ -899,7 +900,7 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
         "step": step + 1,
         "epoch": epoch,
         **means,
-        "learning_rate": run.scheduler.get_last_lr()[0],
+        "learning_rate": learning_rate,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "pairs": counted,
         "tokens": tokens,

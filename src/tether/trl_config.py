@@ -192,7 +192,9 @@ FIELDS: dict[str, Field] = {
     "train_sampling_strategy": _m(
         "data.shuffle", "random -> true (tether's own seeded order), sequential -> false"
     ),
-    "logging_steps": _m("logging.every", "a whole number of steps"),
+    "logging_steps": _m(
+        "logging.every", "a whole number of steps; each logged record holds the means over them, as TRL's"
+    ),
     "logging_strategy": _refuse("tether logs every logging_steps optimizer steps", ("steps",)),
     "logging_first_step": _noop("which steps are logged only"),
     "logging_nan_inf_filter": _noop("logging only"),
