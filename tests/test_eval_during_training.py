@@ -16,6 +16,7 @@ What must hold:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -232,6 +233,19 @@ def test_resume_inside_a_window_writes_the_uninterrupted_records(train_yaml, eva
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     train(config, resume=True)
     assert _strip(read_metrics(out, split=None)) == _strip(full)
+
+
+def test_fresh_start_drops_an_earlier_attempts_step_0_evaluation(tmp_path, train_yaml, eval_pairs):
+    """A run killed before its first checkpoint leaves metrics.jsonl with its step-0 evaluation; the restart
+    (no checkpoint: step 0 again) evaluates step 0 anew and keeps one such record, not two."""
+    config = load_config(train_yaml(eval={"data": str(eval_pairs), "at_start": True}, optim={"max_steps": 1}))
+    (tmp_path / "run").mkdir()
+    stale = {"step": 0, "split": "eval", "eval_loss": 123.0}
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps(stale) + "\n")
+    train(config)
+    evals = read_metrics(config.output_dir, split="eval")
+    assert [r["step"] for r in evals] == [0, 1]
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)  # dpo at policy == reference
 
 
 def test_eval_config_is_checked(train_yaml, eval_pairs):
