@@ -61,7 +61,7 @@ PAIR_SEED = 1  # prompts and samples of the pairs: PAIR_SEED + 2 * seed
 EVAL_SEED = 124  # prompts and samples of the evaluation (even: never a pair seed)
 HELDOUT_SEED = 1001  # prompts and samples of the held-out pairs evaluated during training: + 2 * seed
 HELDOUT_SHARE = 4  # held-out prompts: a quarter of the training pairs' prompts, minus any that repeats one
-EVALS_PER_RUN = 6  # evaluations of the held-out pairs during each training run (and one before it)
+EVALS_PER_RUN = 4  # evaluations of the held-out pairs during each training run (and one before it)
 DEMO_BATCH = 16  # pairs per optimizer step of the toy demo
 PASS_TOLERANCE = 0.02  # pass@1 differences within this are reported as equal (the experiments' "matches")
 
