@@ -82,11 +82,20 @@ def test_demo_writes_models_data_metrics_and_plots(demo):
     assert rows and all({"prompt", "chosen", "rejected"} <= row.keys() for row in rows)
     assert (out / "reference" / "config.json").is_file()
     assert (out / "reference" / "model.safetensors").is_file()
+    held_out = [json.loads(line) for line in (out / "data" / "eval_pairs.jsonl").read_text().splitlines()]
+    assert held_out and not {row["prompt"][-1]["content"] for row in held_out} & {
+        row["prompt"][-1]["content"] for row in rows
+    }  # pairs from other prompts
     for name, _ in DEMO_OBJECTIVES:
         run = out / "runs" / name
         assert (run / "final" / "model.safetensors").is_file(), name
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        metrics = [m for m in records if "split" not in m]
         assert metrics and all(math.isfinite(m["loss"]) for m in metrics), name
+        # The held-out pairs are evaluated before training (step 0) and during it, every pair each time.
+        evals = [m for m in records if m.get("split") == "eval"]
+        assert evals[0]["step"] == 0 and len(evals) >= 3, name
+        assert all(e["eval_pairs"] == len(held_out) and math.isfinite(e["eval_loss"]) for e in evals), name
     evaluation = json.loads((out / "eval" / "eval.json").read_text())
     assert set(evaluation["models"]) == {"reference", *(name for name, _ in DEMO_OBJECTIVES)}
     report = (out / "report.md").read_text()
@@ -105,9 +114,8 @@ def test_demo_writes_models_data_metrics_and_plots(demo):
         assert levers["models"][name]["pass@1"] == m["pass@k"]["1"]
         assert levers["models"][name]["entropy"] == m["entropy"]
     for name, _ in DEMO_OBJECTIVES:
-        metrics = [
-            json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
-        ]
+        lines = (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        metrics = [m for m in map(json.loads, lines) if "split" not in m]
         tail = [m["logratios/chosen"] for m in metrics[-max(1, len(metrics) // 10) :]]
         assert levers["training"][name]["logratios/chosen late"] == pytest.approx(sum(tail) / len(tail))
     assert 0 <= levers["training"]["epsilon_dpo"]["beta/relaxed_frac mean"] <= 1

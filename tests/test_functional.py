@@ -361,14 +361,19 @@ def test_dpo_matches_trl_sigmoid(trl_setup):
 
 def test_ipo_length_normalized_matches_trl_ipo(trl_setup):
     """TRL's `ipo` divides each log-ratio by the completion length before squaring; that is our
-    IPO(length_normalize=True). The unnormalized IPO gives a different value on this batch."""
+    IPO(length_normalize=True). The unnormalized IPO gives a different value on this batch. The metrics TRL
+    logs (rewards/*: beta times the summed log-ratios; logps/*) agree too."""
     make, policy, reference = trl_setup
     trainer = make("ipo", beta=0.5)
     batch = _trl_batch(trainer)
     trl_loss = _trl_loss(trainer, batch)
     inputs = _our_inputs(batch, policy, reference)
-    losses, _ = preference_loss("ipo", *inputs, beta=0.5, length_normalize=True)
+    losses, metrics = preference_loss("ipo", *inputs, beta=0.5, length_normalize=True)
     assert losses.mean().item() == pytest.approx(trl_loss, **TRL_TOL)
+    logged = trainer._metrics["train" if trainer.model.training else "eval"]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert metrics[name].item() == pytest.approx(logged[name][-1], **TRL_TOL), name
+    assert metrics["rewards/accuracies"].item() == logged["rewards/accuracies"][-1]
     plain, _ = preference_loss("ipo", *inputs, beta=0.5)
     assert abs(plain.mean().item() - trl_loss) > 1e-3
 

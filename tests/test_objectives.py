@@ -145,7 +145,7 @@ def test_ipo_length_normalized_hand_derived():
     """IPO with length_normalize=True (TRL's `ipo`), beta=0.5, TWO_PAIRS, lengths chosen [4, 1], rejected [3, 2]:
     pair 0: chosen ratio 2/4 = 0.5, rejected 0/3 = 0  -> q = 0.5  -> (0.5 - 1)^2 = 0.25
     pair 1: chosen ratio -1/1 = -1, rejected 1/2 = 0.5 -> q = -1.5 -> (-1.5 - 1)^2 = 6.25
-    rewards (normalized ratios times beta): r_w = [0.25, -0.5], r_l = [0, 0.25].
+    rewards (beta times the summed log-ratios, as TRL logs them for ipo): r_w = [1, -0.5], r_l = [0, 0.5].
     Without lengths the objective must refuse (it cannot silently fall back to summed log-probs).
     """
     ipo = IPO(beta=0.5, length_normalize=True)
@@ -153,8 +153,8 @@ def test_ipo_length_normalized_hand_derived():
     assert IPO(beta=0.5).needs == frozenset()
     out = ipo(make_stats(**TWO_PAIRS, chosen_lengths=[4.0, 1.0], rejected_lengths=[3.0, 2.0]))
     assert_close(out.losses, [0.25, 6.25])
-    assert_close(out.chosen_rewards, [0.25, -0.5])
-    assert_close(out.rejected_rewards, [0.0, 0.25])
+    assert_close(out.chosen_rewards, [1.0, -0.5])
+    assert_close(out.rejected_rewards, [0.0, 0.5])
     with pytest.raises(ValueError, match="chosen_lengths"):
         ipo(make_stats(**TWO_PAIRS))
 

@@ -143,7 +143,9 @@ def test_trl_defaults_apply_where_the_file_is_silent():
         ({"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}, "loss_type"),
         ({"rpo_alpha": 1.0}, "rpo_alpha"),
         ({"load_in_8bit": True}, "load_in_8bit"),
-        ({"eval_strategy": "steps", "eval_steps": 50}, "eval_strategy"),
+        ({"eval_strategy": "steps", "eval_steps": 50}, "eval_strategy"),  # no dataset_name to split
+        ({"dataset_name": "d", "eval_strategy": "steps", "eval_delay": 5}, "eval_delay"),
+        ({"dataset_name": "d", "eval_strategy": "steps", "eval_steps": 0.5}, "eval_steps"),  # no max_steps
         ({"lr_scheduler_type": "cosine_with_restarts"}, "lr_scheduler_type"),
         ({"warmup_steps": 0.1}, "warmup_steps"),  # a ratio without max_steps
         ({"label_smoothing": 0.1}, "label_smoothing"),  # TRL's sigmoid ignores it
@@ -206,6 +208,38 @@ def test_warmup_ratio_is_a_share_of_max_steps():
     assert data["optim"]["warmup_steps"] == 0
     data, _ = from_trl({"warmup_steps": 5, "lr_scheduler_type": "constant_with_warmup"})
     assert (data["optim"]["scheduler"], data["optim"]["warmup_steps"]) == ("constant", 5)
+
+
+def test_eval_strategy_maps_with_trls_semantics(tmp_path):
+    """steps: every eval_steps, which falls back to logging_steps (TrainingArguments), a ratio of max_steps
+    rounded up, and after the last step; epoch: at every epoch's end only; no (TRL's default): no eval. The
+    test split of the dataset folder is the eval data; per_device_eval_batch_size defaults to TRL's 8."""
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "dev.jsonl").write_text("")
+    base = {"dataset_name": str(tmp_path), "dataset_test_split": "dev", "logging_steps": 5}
+    data, sources = from_trl({**base, "eval_strategy": "steps"})
+    assert data["eval"] == {
+        "data": str(tmp_path / "dev.jsonl"),
+        "split": "dev",
+        "every": 5,
+        "at_end": True,
+        "at_start": False,
+        "batch_size": 8,
+    }
+    assert "logging_steps" in sources["eval.every"]
+    data, _ = from_trl({**base, "eval_strategy": "steps", "eval_steps": 0.25, "max_steps": 10})
+    assert data["eval"]["every"] == 3
+    data, _ = from_trl(
+        {**base, "eval_strategy": "epoch", "eval_on_start": True, "per_device_eval_batch_size": 2}
+    )
+    assert {k: data["eval"][k] for k in ("per_epoch", "at_end", "at_start", "batch_size")} == {
+        "per_epoch": True,
+        "at_end": False,
+        "at_start": True,
+        "batch_size": 2,
+    }
+    data, _ = from_trl(base)
+    assert "eval" not in data
 
 
 def test_dataset_folder_resolves_to_its_split_file(tmp_path):
@@ -527,3 +561,75 @@ def test_trl_and_tether_train_the_same_yaml_to_the_same_losses(
     assert len(trl_steps) == len(ours) == 3
     assert ours == pytest.approx(trl_steps, abs=2e-6)
     assert abs(ours[2] - ours[0]) > 1e-3  # training moved the loss
+
+
+def test_trl_and_tether_log_the_same_windows_and_evaluations(
+    tmp_path, monkeypatch, tiny_model_dir, make_pairs, pairs_file
+):
+    """`trl dpo` and `tether train` on one TRL YAML with logging_steps 2 and eval_strategy steps (eval_steps 2,
+    per_device_eval_batch_size 3, the folder's test.jsonl of 6 pairs): 4 steps log at steps 2 and 4 the mean
+    loss and reward margin over the window's steps, and the eval metrics (eval_loss, eval_rewards/*,
+    eval_logps/*) at steps 2 and 4, the same in both to float32 rounding. (TRL averages its eval metrics per
+    batch, tether per pair: equal here, where every eval batch holds 3 pairs.)"""
+    pytest.importorskip("trl")
+    from trl import DPOTrainer
+    from trl.scripts.dpo import main as trl_main
+    from trl.scripts.dpo import make_parser
+
+    from tether.train import read_metrics, train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    shutil.copy(pairs_file, data_dir / "train.jsonl")
+    make_pairs(data_dir / "test.jsonl", 6, seed=7)
+    path = _write(
+        tmp_path,
+        {
+            "model_name_or_path": str(tiny_model_dir),
+            "dataset_name": str(data_dir),
+            "learning_rate": 1.0e-3,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "max_steps": 4,
+            "max_length": 64,
+            "logging_steps": 2,
+            "eval_strategy": "steps",
+            "eval_steps": 2,
+            "per_device_eval_batch_size": 3,
+            "bf16": False,
+            "use_cpu": True,
+            "train_sampling_strategy": "sequential",
+            "save_strategy": "no",
+            "report_to": "none",
+            "disable_tqdm": True,
+            "output_dir": str(tmp_path / "trl"),
+        },
+    )
+    logs: list[dict] = []
+    log = DPOTrainer.log
+
+    def recording(self, entries, start_time=None):
+        log(self, entries, start_time)
+        logs.append(dict(entries, step=self.state.global_step))
+
+    monkeypatch.setattr(DPOTrainer, "log", recording)
+    trl_main(*make_parser().parse_args_and_config(["--config", str(path)]))
+    trl_train = [e for e in logs if "loss" in e]
+    trl_eval = [e for e in logs if "eval_loss" in e]
+
+    config = load_config(path, [f"output_dir={tmp_path / 'tether'}"])
+    assert (config.eval.every, config.eval.batch_size, config.eval.at_end) == (2, 3, True)
+    train(config)
+    ours, our_eval = read_metrics(config.output_dir), read_metrics(config.output_dir, split="eval")
+    assert [e["step"] for e in trl_train] == [r["step"] for r in ours] == [2, 4]
+    assert [e["step"] for e in trl_eval] == [r["step"] for r in our_eval] == [2, 4]
+    for theirs, mine in zip(trl_train, ours, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "logps/rejected", "learning_rate"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=2e-6), (mine["step"], key)
+        assert mine["num_tokens"] == theirs["num_tokens"]
+    for theirs, mine in zip(trl_eval, our_eval, strict=True):
+        for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=2e-6), (mine["step"], key)

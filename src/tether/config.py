@@ -79,6 +79,20 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    data: str | None = (
+        None  # held-out pairs, read as data.train is (file or datasets folder; data.on_bad_row,
+    )
+    # data.max_length and data.max_prompt_length apply); null: no evaluation during training
+    split: str = "test"  # split to use when `eval.data` is a DatasetDict folder
+    every: int = 0  # evaluate every N optimizer steps (0: not by step count)
+    per_epoch: bool = False  # evaluate at the end of every epoch (TRL's eval_strategy: epoch)
+    at_start: bool = False  # evaluate before the first step, as step 0 (TRL's eval_on_start)
+    at_end: bool = True  # evaluate after the last step (once, if it is also an `every` or epoch step)
+    batch_size: int | None = None  # eval pairs per forward per process (null: optim.batch_size)
+
+
+@dataclass
 class ObjectiveConfig:
     name: str = "dpo"  # dpo | ipo | cdpo | hdpo | epsilon_dpo | tdpo1 | tdpo2
     beta: float = 0.1  # KL strength (the base beta for epsilon_dpo)
@@ -175,7 +189,9 @@ class DistributedConfig:
 
 @dataclass
 class LogConfig:
-    every: int = 1  # write metrics every N optimizer steps
+    every: int = (
+        1  # write metrics every N optimizer steps: the means over those N steps (TRL's logging_steps)
+    )
     trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard, wandb]
     progress: bool = True  # show a progress bar
     entropy: bool = True  # compute the policy-entropy metrics (entropy/chosen, entropy/rejected)
@@ -187,6 +203,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -233,6 +250,7 @@ class TrainConfig:
             _positive(name, value)
         if self.optim.max_steps is not None:
             _positive("optim.max_steps", self.optim.max_steps)
+        self._validate_eval()
         _positive("distributed.timeout_s", self.distributed.timeout_s)
         if not 0 <= self.optim.seed < 2**32:  # numpy's seed range (accelerate's set_seed seeds numpy too)
             raise ConfigError(f"optim.seed must be in [0, 2**32), got {self.optim.seed!r}")
@@ -335,6 +353,8 @@ class TrainConfig:
                     f"data.subset={self.data.subset!r} is read only when data.train is a folder or Hub data set;"
                     f" {self.data.train} is a file"
                 )
+            if self.eval.data is not None and not Path(self.eval.data).exists():
+                raise ConfigError(f"eval.data: {self.eval.data} does not exist")
 
     def _check_model_sources(self) -> None:
         """The model (or adapter and its base), tokenizer and reference exist, locally or in the Hub cache."""
@@ -402,6 +422,24 @@ class TrainConfig:
                 "model.load_in_4bit=true with reference.mode=copy would copy the quantized policy: use"
                 " reference.mode=adapter (the base with the adapters off) or cache"
             )
+
+    def _validate_eval(self) -> None:
+        ev = self.eval
+        if ev.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {ev.every!r}")
+        if ev.batch_size is not None:
+            _positive("eval.batch_size", ev.batch_size)
+        if ev.data is not None and not ev.data.strip():
+            raise ConfigError(
+                "eval.data is empty: give a JSONL/Parquet/CSV file or a datasets folder, or null"
+            )
+        if ev.data is None and (ev.every or ev.per_epoch or ev.at_start):
+            asked = [f"eval.{k}" for k in ("every", "per_epoch", "at_start") if getattr(ev, k)]
+            raise ConfigError(f"{', '.join(asked)} set but eval.data is null: name the held-out pairs file")
+
+    def evaluates(self) -> bool:
+        """True when the run evaluates held-out pairs during training (eval.data is set)."""
+        return self.eval.data is not None
 
     def build_objective(self):
         try:

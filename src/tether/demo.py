@@ -22,6 +22,7 @@ of `tether.chat_tasks`, a few dozen optimizer steps per objective (`PRETRAINED` 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,10 @@ class DemoSizes:
 BETA = 1.0
 PAIR_SEED = 1  # prompts and samples of the pairs: PAIR_SEED + 2 * seed
 EVAL_SEED = 124  # prompts and samples of the evaluation (even: never a pair seed)
+HELDOUT_SEED = 1001  # prompts and samples of the held-out pairs evaluated during training: + 2 * seed
+HELDOUT_SHARE = 4  # held-out prompts: a quarter of the training pairs' prompts, minus any that repeats one
+EVALS_PER_RUN = 4  # evaluations of the held-out pairs during each training run (and one before it)
+DEMO_BATCH = 16  # pairs per optimizer step of the toy demo
 PASS_TOLERANCE = 0.02  # pass@1 differences within this are reported as equal (the experiments' "matches")
 
 # The reference needs about 600 SFT steps before its samples give informative pairs (docs/toy.md), in both.
@@ -172,8 +177,26 @@ def _run(out: Path, sizes: DemoSizes, quick: bool, progress: bool, seed: int) ->
     )
     data_path = out / "data" / "pairs.jsonl"
     write_jsonl(rows, data_path)
+    # Held-out pairs made the same way from other prompts: evaluated during training (eval.*).
+    heldout_seed = HELDOUT_SEED + 2 * seed
+    seen = set(prompts)
+    heldout = [
+        p for p in task.make_prompts(sizes.pair_prompts // HELDOUT_SHARE, seed=heldout_seed) if p not in seen
+    ]
+    heldout_rows, _ = make_preference_pairs(
+        task, model, tokenizer, heldout, sizes.samples_per_prompt, seed=heldout_seed, pairs_per_prompt=2
+    )
+    heldout_path = out / "data" / "eval_pairs.jsonl"
+    write_jsonl(heldout_rows, heldout_path)
     timings["pairs"] = time.perf_counter() - t0
     del model
+    every = max(1, math.ceil(len(rows) / DEMO_BATCH) * sizes.train_epochs // EVALS_PER_RUN)
+    held_out = [
+        f"eval.data={heldout_path}",
+        f"eval.every={every}",
+        "eval.at_start=true",
+        "eval.batch_size=64",
+    ]
 
     # 3. One policy per objective, through the normal training path.
     t0 = time.perf_counter()
@@ -186,10 +209,11 @@ def _run(out: Path, sizes: DemoSizes, quick: bool, progress: bool, seed: int) ->
             "data.max_prompt_length=32",
             f"objective.beta={BETA}",
             "optim.lr=1e-4",
-            "optim.batch_size=16",
+            f"optim.batch_size={DEMO_BATCH}",
             "optim.scheduler=cosine",
             f"optim.warmup_steps={0 if quick else 2}",
             f"optim.epochs={sizes.train_epochs}",
+            *(held_out if heldout_rows else []),  # (no pair from the held-out prompts: no evaluation)
         ],
         progress,
         seed,
@@ -221,6 +245,7 @@ def _run(out: Path, sizes: DemoSizes, quick: bool, progress: bool, seed: int) ->
         "sizes": sizes.__dict__,
         "sft_final_loss": sft_losses[-1],
         "pairing": pairing.as_dict(),
+        "held_out": {"pairs": len(heldout_rows), "prompts": len(heldout), "eval_every": every},
         "timings_s": timings,
         "levers": levers(evaluation, runs, temperature=max(sizes.temperatures)),
     }
@@ -237,6 +262,8 @@ def _run(out: Path, sizes: DemoSizes, quick: bool, progress: bool, seed: int) ->
         f"- pairs: {p['num_pairs']} from {p['num_prompts']} prompts x {p['samples_per_prompt']} samples"
         f" ({p['skipped_all_tied']} prompts gave no pair: all samples right or all wrong;"
         f" {p['empty_samples']} empty samples never paired)",
+        f"- held-out pairs: {len(heldout_rows)} from {len(heldout)} other prompts, made the same way and"
+        f" evaluated before training and every {every} steps (dashed in the training curves)",
         "- stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()),
     ]
     closing = [
@@ -539,6 +566,8 @@ def _fresh(folder: Path) -> None:
 
 
 def _plot_training(out: Path, runs: dict[str, Path]) -> list[Path]:
+    """training_curves.png: loss, reward margin and accuracy, entropy per optimizer step for every run, and
+    the same metrics on the held-out pairs (eval_*, dashed with dots) where the run evaluated them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -551,12 +580,25 @@ def _plot_training(out: Path, runs: dict[str, Path]) -> list[Path]:
         ("entropy/chosen", "policy entropy on chosen (nats/token)"),
     ]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    held_out = False
     for name, run in runs.items():
-        metrics = read_metrics(run)
+        metrics, evals = read_metrics(run), read_metrics(run, split="eval")
+        held_out = held_out or bool(evals)
         steps = [m["step"] for m in metrics]
         for ax, (key, _) in zip(axes, keys):
             values = [m.get(key) for m in metrics]  # null (a skipped step) plots as a gap
-            ax.plot(steps, [float("nan") if v is None else v for v in values], label=name)
+            (line,) = ax.plot(steps, [float("nan") if v is None else v for v in values], label=name)
+            if evals:
+                values = [e.get(f"eval_{key}") for e in evals]
+                ax.plot(
+                    [e["step"] for e in evals],
+                    [float("nan") if v is None else v for v in values],
+                    linestyle="--",
+                    marker=".",
+                    color=line.get_color(),
+                )
+    if held_out:
+        axes[0].plot([], [], "k--.", label="held-out pairs (eval_*)")
     for ax, (_, title) in zip(axes, keys):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")

@@ -308,7 +308,8 @@ class IPO(Objective):
     """IPO (Azar et al. 2023, eq. 17): loss = (q - 1/(2*beta))^2, q = (pw - rw) - (pl - rl).
 
     length_normalize=True divides each sequence's log-ratio by its response length first, as TRL's `ipo`
-    loss does (the IPO paper's per-token form).
+    loss does (the IPO paper's per-token form). The rewards are beta times the summed log-ratios either way,
+    as TRL 1.16 logs them for `ipo`: the normalisation enters the loss only.
     """
 
     name = "ipo"
@@ -330,8 +331,8 @@ class IPO(Objective):
         q = chosen - rejected
         out = ObjectiveOutput(
             losses=(q - 1 / (2 * self.beta)) ** 2,
-            chosen_rewards=self.beta * chosen.detach(),
-            rejected_rewards=self.beta * rejected.detach(),
+            chosen_rewards=self.beta * (stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
+            rejected_rewards=self.beta * (stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
         )
         return _metrics(out, stats)
 

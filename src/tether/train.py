@@ -26,8 +26,11 @@ Assumptions, stated once:
   resolved) with the checkpoint's; `tether.config.RESUME_ACCEPTED` lists the changes it accepts.
 - The model is trained through `tether.modeling.PolicyStatistics`, whose forward runs the policy and the
   chunked head, so DDP, FSDP and DeepSpeed see the head inside the forward they wrap.
-- metrics.jsonl holds one strict-JSON line per logged step (non-finite values as null); a resumed or restarted
-  run first drops the lines after its start step.
+- metrics.jsonl holds one strict-JSON line per logged step (non-finite values as null): with logging.every N,
+  the means over the N steps since the last logged one (`window_record`, as TRL's logging_steps), and one line
+  per evaluation of eval.data (`"split": "eval"`, TRL's eval_* names; `_evaluate`), written before that
+  step's checkpoint. A resumed or restarted run first drops the lines after its start step; the steps of an
+  unfinished window and the running token count are checkpointed, so resumed logs equal uninterrupted ones.
 - The reference cache (reference.mode=cache) records what it was built from and is rebuilt when that changed.
 """
 
@@ -96,9 +99,10 @@ class TrainResult:
     output_dir: Path
     steps: int
     final_model: Path | None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # every step's record (not windowed)
     skipped_steps: int = 0
     main_process: bool = True  # False on the other processes of a multi-process run
+    eval_history: list[dict[str, Any]] = field(default_factory=list)  # the eval records of this attempt
 
 
 # --- data order ----------------------------------------------------------------------------------------
@@ -346,7 +350,11 @@ def _scheduler(optimizer, config: TrainConfig, total_steps: int):
     )
 
 
-def _make_reference(config, policy, dataset, collate, accelerator, objective, split_rows) -> Reference:
+def _make_reference(
+    config, policy, dataset, collate, accelerator, objective, split_rows, data_set: str = "train"
+) -> Reference:
+    """The reference for `dataset`; data_set ("train" or "eval") names the data (data.train or eval.data)
+    and, with reference.mode=cache, the cache folder (reference_cache/, reference_cache_eval/)."""
     mode = config.reference_mode()
     if mode == "adapter":
         return AdapterReference(policy, split_rows=split_rows)
@@ -358,9 +366,11 @@ def _make_reference(config, policy, dataset, collate, accelerator, objective, sp
         disable_dropout(ref)
         return ModelReference(ref.to(accelerator.device))
     # cache: one pass with a frozen reference on the main process, then every process memory-maps it.
-    folder = Path(config.output_dir) / "reference_cache"
+    folder = Path(config.output_dir) / ("reference_cache" if data_set == "train" else "reference_cache_eval")
     store_hidden = objective.needs_reference_distribution
-    key = _cache_key(config, len(dataset), store_hidden)
+    key = _cache_key(config, len(dataset), store_hidden, config.data.train)
+    if data_set == "eval":
+        key = {**_cache_key(config, len(dataset), store_hidden, config.eval.data), "split": config.eval.split}
     if accelerator.is_main_process:
         if _cached_key(folder) != key:  # absent, or built from another model / data / setting: rebuild
             ref = (
@@ -398,15 +408,16 @@ def _make_reference(config, policy, dataset, collate, accelerator, objective, sp
     return CachedReference(folder, device=accelerator.device)
 
 
-def _cache_key(config: TrainConfig, pairs: int, store_hidden: bool) -> dict[str, Any]:
-    """What the reference cache depends on; a cache whose key differs is stale and rebuilt. Hub models and
-    data sets are named by id and commit (`tether.hub.identity`), local ones by their resolved path."""
+def _cache_key(config: TrainConfig, pairs: int, store_hidden: bool, data: str) -> dict[str, Any]:
+    """What the reference cache of the pairs in `data` (data.train or eval.data) depends on; a cache whose key
+    differs is stale and rebuilt. Hub models and data sets are named by id and commit (`tether.hub.identity`),
+    local ones by their resolved path."""
     if config.reference.path:
         reference, revision, adapter = config.reference.path, config.reference.revision, None
     else:  # the initial policy: the base, with the loaded adapter if any
         (reference, revision), adapter = hub.base_model(config.model), config.model.adapter
     tokenizer, tokenizer_revision = hub.tokenizer_source(config.model)
-    data, data_revision = config.data.train, config.data.revision
+    data_revision = config.data.revision if data == config.data.train else None
     return json.loads(
         json.dumps(
             {
@@ -501,9 +512,12 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         report.write_json(out_dir / "data_report.json")
     if len(dataset) == 0:
         raise ValueError(f"no usable preference pairs in {config.data.train} (see the data report above)")
+    eval_dataset = _load_eval_data(config, tokenizer, main) if config.evaluates() else None
     collate = PreferenceCollator(tokenizer.pad_token_id)
 
-    policy, reference = _setup_policy(config, accelerator, engine, objective, dataset, collate)
+    policy, reference, eval_reference = _setup_policy(
+        config, accelerator, engine, objective, dataset, collate, eval_dataset
+    )
     if objective.needs_reference_entropy and not _restores_objective(start):
         objective.set_reference_entropy(_reference_entropy(config, accelerator, reference, dataset, collate))
         if main:
@@ -512,11 +526,11 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
                 f" {objective.reference_entropy:.4f} nats; entropy target {objective.target:.4f}"
             )
     model, optimizer, scheduler = _setup_optimizer(config, accelerator, engine, policy, total_steps)
-    skipped_steps = _restore(accelerator, start, objective)
+    state = _restore(accelerator, start, objective)
     if main:
         # Lines after the start step belong to an attempt that did not reach a checkpoint (all of them on a
-        # fresh start): drop them so that every step appears once.
-        _truncate_metrics(out_dir / "metrics.jsonl", start.step)
+        # fresh start, the step-0 evaluation included): drop them so that every step appears once.
+        _truncate_metrics(out_dir / "metrics.jsonl", start.step if start.checkpoint else -1)
     if config.logging.trackers:
         accelerator.init_trackers("tether", config=_flat(config.to_dict()))
     bar = tqdm(
@@ -543,18 +557,29 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         total_steps=total_steps,
         fingerprint=fingerprint,
         bar=bar,
-        skipped_steps=skipped_steps,
+        skipped_steps=int(state.get("skipped_steps", 0)),
+        num_tokens=int(state.get("num_tokens", 0)),
+        window=list(state.get("log_window", [])),
+        eval_dataset=eval_dataset,
+        eval_reference=eval_reference,
     )
 
-    # --- the loop: one optimizer step, its record, the log, a checkpoint every checkpoint.every steps
+    # --- the loop: one optimizer step, its record, the log (the window's means), the evaluation when due,
+    # a checkpoint every checkpoint.every steps (after the evaluation of its step: a resume keeps both)
     history: list[dict[str, Any]] = []
+    evaluations: list[dict[str, Any]] = []
     model.train()
+    if config.evaluates() and config.eval.at_start and start.step == 0:
+        evaluations.append(_evaluate(run, 0))
     for step in range(start.step, total_steps):
         record = _train_step(run, step)
         history.append(record)
+        logged = _close_window(run, record)
         if main:
-            _log(run, record)
+            _log(run, record, logged)
         steps_done = step + 1
+        if _eval_due(run, steps_done):
+            evaluations.append(_evaluate(run, steps_done))
         if config.checkpoint.every and steps_done % config.checkpoint.every == 0 and steps_done < total_steps:
             _write_checkpoint(run, steps_done)
     bar.close()
@@ -563,7 +588,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     _write_final(run)
     if config.logging.trackers:
         accelerator.end_training()
-    return TrainResult(out_dir, total_steps, out_dir / "final", history, run.skipped_steps, main)
+    return TrainResult(out_dir, total_steps, out_dir / "final", history, run.skipped_steps, main, evaluations)
 
 
 @dataclass
@@ -602,6 +627,11 @@ class _Run:
     skipped_steps: int = (
         0  # steps skipped for a non-finite loss or gradient, this run and the ones it resumes
     )
+    num_tokens: int = 0  # non-padding tokens (prompts and responses) of every step so far (TRL's num_tokens)
+    window: list[dict[str, Any]] = field(default_factory=list)  # step records since the last logged one
+    state_keys: set[str] = field(default_factory=set)  # record keys the window logs as their last value
+    eval_dataset: Any = None  # held-out pairs (eval.data), or None
+    eval_reference: Reference | None = None  # their reference (a separate cache with reference.mode=cache)
 
     @property
     def out_dir(self) -> Path:
@@ -732,9 +762,11 @@ def _check_resume_length(
 
 
 def _setup_policy(
-    config: TrainConfig, accelerator, engine: str, objective: Objective, dataset, collate
-) -> tuple[PolicyStatistics, Reference]:
-    """The policy (dropout off, LoRA applied, on its device unless sharded) and its reference."""
+    config: TrainConfig, accelerator, engine: str, objective: Objective, dataset, collate, eval_dataset=None
+) -> tuple[PolicyStatistics, Reference, Reference | None]:
+    """The policy (dropout off, LoRA applied, on its device unless sharded), its reference and the eval set's
+    reference (None without eval data): the same one, or with reference.mode=cache the eval pairs' own cache,
+    built here from the initial weights as the training cache is."""
     sharded = engine in ("fsdp", "zero3")  # parameters sharded across processes
     if sharded and config.model.load_in_4bit:
         raise ConfigError(
@@ -747,10 +779,17 @@ def _setup_policy(
         model.to(accelerator.device)
     # Sharded layers run once per forward: no split by row length (`final_hidden_states`).
     reference = _make_reference(config, model, dataset, collate, accelerator, objective, not sharded)
+    eval_reference = None
+    if eval_dataset is not None:
+        eval_reference = reference
+        if config.reference_mode() == "cache":
+            eval_reference = _make_reference(
+                config, model, eval_dataset, collate, accelerator, objective, not sharded, data_set="eval"
+            )
     policy = PolicyStatistics(model, split_rows=not sharded)
     if engine == "zero3":
         _register_head_with_zero3(policy)
-    return policy, reference
+    return policy, reference, eval_reference
 
 
 def _load_policy(config: TrainConfig, prepare: bool = False):
@@ -815,11 +854,11 @@ def _restores_objective(start: ResumePoint) -> bool:
     return start.checkpoint is not None and not any(key.startswith("objective.") for key in start.changed)
 
 
-def _restore(accelerator, start: ResumePoint, objective: Objective) -> int:
+def _restore(accelerator, start: ResumePoint, objective: Objective) -> dict[str, Any]:
     """Load the checkpoint `start` continues from, if any (weights, optimizer, schedule, RNG, the objective's
-    state); returns the steps skipped so far."""
+    state); returns its state.json (skipped_steps, num_tokens, log_window), or {} for a fresh start."""
     if start.checkpoint is None:
-        return 0
+        return {}
     accelerator.load_state(str(start.checkpoint))
     if _restores_objective(start):
         objective.load_state_dict(start.state["objective"])
@@ -827,7 +866,7 @@ def _restore(accelerator, start: ResumePoint, objective: Objective) -> int:
         print("[tether] the objective changed: its state (e.g. epsilon-DPO's beta) starts from the config")
     if accelerator.is_main_process:
         print(f"[tether] resumed from {start.checkpoint} at step {start.step}")
-    return int(start.state.get("skipped_steps", 0))
+    return start.state
 
 
 # --- one optimizer step --------------------------------------------------------------------------------
@@ -840,10 +879,46 @@ class _StepSums:
     metrics: dict[str, torch.Tensor]  # the objective's metrics, each times the micro-batch's pairs
     pair_count: torch.Tensor  # pairs counted (a zero-weight filler counts none), 0-dim
     tokens: int  # response tokens of the counted pairs
+    input_tokens: int  # non-padding tokens (prompts and responses, both sides) of the counted pairs
     beta_steps: torch.Tensor  # sum of ObjectiveOutput.beta_steps over the counted pairs, float64 0-dim
     entropy: torch.Tensor  # (summed policy entropy, tokens) of the counted pairs' responses, float64 (2,)
     nonfinite: torch.Tensor  # micro-batches with a non-finite loss, 0-dim
     bad_rows: list[int]  # data rows whose loss was non-finite
+
+    @classmethod
+    def zeros(cls, device) -> _StepSums:
+        return cls(
+            metrics={},
+            pair_count=torch.zeros((), device=device),
+            tokens=0,
+            input_tokens=0,
+            beta_steps=torch.zeros((), dtype=torch.float64, device=device),
+            entropy=torch.zeros(2, dtype=torch.float64, device=device),
+            nonfinite=torch.zeros((), device=device),
+            bad_rows=[],
+        )
+
+    def add(self, out, batch, pairs: int, weight: float, stats: PairStats | None = None) -> None:
+        """Add a micro-batch's metrics (objective output `out` of `pairs` pairs in `batch`), each times its pairs,
+        and the policy's summed response entropy when `stats` carries it.
+
+        A zero-weight filler still adds (zeros to) every metric: the tensors reduced across processes in
+        `_reduce_metrics` must have the same size on every process, or gloo/NCCL fail or hang."""
+        counted = float(pairs) if weight else 0.0
+        self.pair_count += counted
+        for name, value in out.metrics.items():
+            value = value.detach().float()
+            self.metrics[name] = self.metrics.get(name, 0.0) + (
+                value * counted if weight else torch.zeros_like(value)
+            )
+        if weight:
+            self.tokens += batch.num_response_tokens()
+            self.input_tokens += int(batch.attention_mask.sum())
+            if out.beta_steps is not None:
+                self.beta_steps += out.beta_steps.detach().double().sum()
+            if stats is not None and stats.entropy_chosen is not None:
+                self.entropy[0] += stats.entropy_chosen.double().sum() + stats.entropy_rejected.double().sum()
+                self.entropy[1] += float(stats.chosen_lengths.sum() + stats.rejected_lengths.sum())
 
 
 def _train_step(run: _Run, step: int) -> dict[str, Any]:
@@ -856,6 +931,7 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
         len(run.dataset), run.global_batch, step, config.optim.seed, config.data.shuffle
     )
     sums = _accumulate_gradients(run, pairs)
+    learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step uses (what TRL logs)
     # Every process agrees on a non-finite step: the flag is summed over processes.
     bad = accelerator.reduce(sums.nonfinite, reduction="sum")
     # All parameters (frozen ones have no gradient): accelerate's FSDP clipping needs the model's list.
@@ -899,15 +975,18 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
             return total / tokens
 
     objective_metrics = run.objective.after_step(mean_beta_step, token_entropy)
-    means, counted, tokens = _reduce_metrics(accelerator, sums)
+    run.state_keys.update(objective_metrics)
+    means, counted, tokens, input_tokens = _reduce_metrics(accelerator, sums)
+    run.num_tokens += input_tokens
     return {
         "step": step + 1,
         "epoch": epoch,
         **means,
-        "lr": run.scheduler.get_last_lr()[0],
+        "learning_rate": learning_rate,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "pairs": counted,
         "tokens": tokens,
+        "num_tokens": run.num_tokens,
         "step_time_s": time.perf_counter() - t0,
         "skipped_steps": run.skipped_steps,
         **objective_metrics,
@@ -921,15 +1000,7 @@ def _accumulate_gradients(run: _Run, pairs: list[int]) -> _StepSums:
     rank, n_step = accelerator.process_index, len(pairs)
     num_micro = math.ceil(n_step / (b * world))
     device = accelerator.device
-    sums = _StepSums(
-        metrics={},
-        pair_count=torch.zeros((), device=device),
-        tokens=0,
-        beta_steps=torch.zeros((), dtype=torch.float64, device=device),
-        entropy=torch.zeros(2, dtype=torch.float64, device=device),
-        nonfinite=torch.zeros((), device=device),
-        bad_rows=[],
-    )
+    sums = _StepSums.zeros(device)
     for j in range(num_micro):
         indices = pairs[(j * world + rank) * b : (j * world + rank + 1) * b]
         weight = 1.0
@@ -955,53 +1026,174 @@ def _accumulate_gradients(run: _Run, pairs: list[int]) -> _StepSums:
                     run.dataset[i].row_number for i, ok in zip(indices, finite.tolist()) if not ok
                 )
             accelerator.backward(loss)
-        # A zero-weight filler still adds (zeros to) every metric: the tensors reduced across processes
-        # in `_reduce_metrics` must have the same size on every process, or gloo/NCCL fail or hang.
-        counted = float(len(indices)) if weight else 0.0
-        sums.pair_count += counted
-        for name, value in out.metrics.items():
-            value = value.detach().float()
-            sums.metrics[name] = sums.metrics.get(name, 0.0) + (
-                value * counted if weight else torch.zeros_like(value)
-            )
-        if weight:
-            sums.tokens += batch.num_response_tokens()
-            if out.beta_steps is not None:
-                sums.beta_steps += out.beta_steps.detach().double().sum()
-            if stats.entropy_chosen is not None:
-                sums.entropy[0] += stats.entropy_chosen.double().sum() + stats.entropy_rejected.double().sum()
-                sums.entropy[1] += float(stats.chosen_lengths.sum() + stats.rejected_lengths.sum())
+        sums.add(out, batch, len(indices), weight, stats)
     return sums
 
 
-def _reduce_metrics(accelerator, sums: _StepSums) -> tuple[dict[str, float], int, int]:
-    """(pair-weighted means of the objective's metrics over micro-batches and processes, pairs, tokens)."""
+def _reduce_metrics(accelerator, sums: _StepSums) -> tuple[dict[str, float], int, int, int]:
+    """(pair-weighted means of the objective's metrics over micro-batches and processes, pairs, response
+    tokens, non-padding tokens)."""
     names = sorted(sums.metrics)
     local = sums.pair_count
     packed = torch.stack([sums.metrics[name] for name in names] + [local.float()]) if names else local[None]
     packed = accelerator.reduce(packed, reduction="sum")
     count = float(packed[-1])
     means = {name: float(packed[i]) / max(count, 1.0) for i, name in enumerate(names)}
-    tokens = int(accelerator.reduce(torch.tensor(sums.tokens, device=accelerator.device), "sum"))
-    return means, int(count), tokens
+    counts = torch.tensor([sums.tokens, sums.input_tokens], device=accelerator.device)
+    tokens, input_tokens = (int(v) for v in accelerator.reduce(counts, "sum"))
+    return means, int(count), tokens, input_tokens
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+
+
+def _load_eval_data(config: TrainConfig, tokenizer, main: bool):
+    """The held-out pairs of eval.data, read as data.train is (same loaders, truncation and bad-row policy);
+    their report is printed and written to eval_data_report.json."""
+    from tether.data import load_preference_data
+
+    dataset, report = load_preference_data(
+        config.eval.data,
+        tokenizer,
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length,
+        on_bad_row=config.data.on_bad_row,
+        split=config.eval.split,
+        progress=config.logging.progress and main,
+    )
+    if main:
+        print(report.format_table())
+        report.write_json(Path(config.output_dir) / "eval_data_report.json")
+    if len(dataset) == 0:
+        raise ValueError(
+            f"no usable preference pairs in eval.data {config.eval.data} (see the data report above)"
+        )
+    return dataset
+
+
+def _eval_due(run: _Run, steps_done: int) -> bool:
+    """Whether the eval set is evaluated after optimizer step `steps_done` (every eval.every steps, at the end
+    of every epoch with eval.per_epoch, after the last step with eval.at_end; at most once per step)."""
+    ev = run.config.eval
+    if not run.config.evaluates():
+        return False
+    steps_per_epoch = math.ceil(len(run.dataset) / run.global_batch)
+    return bool(
+        (ev.every and steps_done % ev.every == 0)
+        or (ev.per_epoch and steps_done % steps_per_epoch == 0)
+        or (ev.at_end and steps_done == run.total_steps)
+    )
+
+
+def _evaluate(run: _Run, step: int) -> dict[str, Any]:
+    """The eval record after `step` optimizer steps: the objective's metrics on every eval pair, with the
+    policy in eval mode and no gradient, under TRL's names (`eval_loss`, `eval_rewards/margins`, ...).
+
+    The statistics are the training step's (`_StepSums.add`, `_reduce_metrics`): pair-weighted means over
+    the whole eval set. Micro-batch j of process r holds eval pairs [(j*W + r)*b, (j*W + r + 1)*b); a process
+    with none left runs a zero-weight filler, so that every process runs the same forwards (DDP, FSDP and
+    DeepSpeed communicate in them). The objective's state (epsilon-DPO's base beta) is read, never changed.
+    The main process appends the record to metrics.jsonl and sends it to the trackers."""
+    accelerator, world = run.accelerator, run.accelerator.num_processes
+    rank, n = accelerator.process_index, len(run.eval_dataset)
+    b = run.config.eval.batch_size or run.config.optim.batch_size
+    t0 = time.perf_counter()
+    sums = _StepSums.zeros(accelerator.device)
+    run.model.eval()
+    try:
+        with torch.no_grad():
+            for j in range(math.ceil(n / (b * world))):
+                indices = list(range((j * world + rank) * b, min((j * world + rank + 1) * b, n)))
+                weight = 1.0
+                if not indices:
+                    indices, weight = [0], 0.0
+                batch = run.collate([run.eval_dataset[i] for i in indices]).to(accelerator.device)
+                with accelerator.autocast():
+                    stats = PairStats(
+                        **run.model(
+                            run.eval_reference, batch, indices, run.request, run.config.optim.chunk_size
+                        )
+                    )
+                    out = run.objective(stats)
+                sums.add(out, batch, len(indices), weight)
+    finally:
+        run.model.train()
+    means, counted, tokens, _ = _reduce_metrics(accelerator, sums)
+    record = {
+        "step": step,
+        "split": "eval",
+        **{f"eval_{name}": value for name, value in means.items()},
+        "eval_pairs": counted,
+        "eval_tokens": tokens,
+        "eval_runtime": time.perf_counter() - t0,
+    }
+    if accelerator.is_main_process:
+        _append_metrics(run, record, f"the evaluation of step {step}")
+    if accelerator.is_main_process and run.config.logging.progress:
+        shown = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+        run.bar.write(
+            f"[tether] step {step}: " + ", ".join(f"{k} {record.get(k, float('nan')):.4f}" for k in shown)
+        )
+    return record
 
 
 # --- logging and checkpoints ---------------------------------------------------------------------------
 
 
-def _log(run: _Run, record: dict[str, Any]) -> None:
-    """(Main process) every logging.every steps and the last: append the record to metrics.jsonl and send it
-    to the trackers; always: update the progress bar."""
-    config, done = run.config, record["step"]
-    if done % config.logging.every == 0 or done == run.total_steps:
-        path = run.out_dir / "metrics.jsonl"
-        with (
-            _explain_write_failure(f"the metrics of step {done}", path, run.ckpt_dir),
-            open(path, "a") as fh,
-        ):
-            fh.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
-        if config.logging.trackers:
-            run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+# Record keys the logging window reports as their value at its last step (TRL logs these so), or summed over
+# it; every other key is the mean of the window's finite values (TRL's logging_nan_inf_filter).
+_WINDOW_LAST = frozenset({"step", "epoch", "learning_rate", "grad_norm", "num_tokens", "skipped_steps"})
+_WINDOW_SUM = frozenset({"pairs", "tokens"})
+
+
+def _close_window(run: _Run, record: dict[str, Any]) -> dict[str, Any] | None:
+    """Add the step's record to the logging window; at a logging step (every logging.every steps, and the
+    last) return the window's record (`window_record`) and start a new window, else None. The window is
+    checkpointed (state.json's log_window), so a resumed run logs what the uninterrupted run logs."""
+    run.window.append(record)
+    done = record["step"]
+    if done % run.config.logging.every and done != run.total_steps:
+        return None
+    logged = window_record(run.window, last=_WINDOW_LAST | run.state_keys)
+    run.window = []
+    return logged
+
+
+def window_record(
+    records: list[dict[str, Any]], last: frozenset[str] | set[str] = _WINDOW_LAST
+) -> dict[str, Any]:
+    """One logged record for the step records of a logging window, as TRL logs `logging_steps` > 1: each
+    metric is the mean over the window's steps of its finite values (a skipped step's NaN loss is left out;
+    NaN if none is finite); the keys in `last` hold the last step's value (learning_rate, grad_norm,
+    num_tokens, ...); pairs and tokens are summed."""
+    out: dict[str, Any] = {}
+    for key in records[-1]:
+        values = [r.get(key) for r in records]
+        if key in last or not all(isinstance(v, (int, float)) or v is None for v in values):
+            out[key] = values[-1]
+        elif key in _WINDOW_SUM:
+            out[key] = sum(v for v in values if v is not None)
+        else:
+            finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+            out[key] = sum(finite) / len(finite) if finite else float("nan")
+    return out
+
+
+def _append_metrics(run: _Run, record: dict[str, Any], what: str) -> None:
+    """(Main process) append a record to metrics.jsonl (strict JSON) and send its numbers to the trackers."""
+    path = run.out_dir / "metrics.jsonl"
+    with _explain_write_failure(what, path, run.ckpt_dir), open(path, "a") as fh:
+        fh.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
+    if run.config.logging.trackers:
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        run.accelerator.log(numbers, step=record["step"])
+
+
+def _log(run: _Run, record: dict[str, Any], logged: dict[str, Any] | None) -> None:
+    """(Main process) at a logging step (`logged`: the window's record): append it to metrics.jsonl and send
+    it to the trackers; always: update the progress bar with the step's record."""
+    if logged is not None:
+        _append_metrics(run, logged, f"the metrics of step {logged['step']}")
     run.bar.set_postfix(
         loss=f"{record.get('loss', float('nan')):.4f}",
         margin=f"{record.get('rewards/margins', 0.0):.3f}",
@@ -1016,6 +1208,8 @@ def _write_checkpoint(run: _Run, steps_done: int) -> None:
         "objective": run.objective.state_dict(),
         "skipped_steps": run.skipped_steps,
         "fingerprint": run.fingerprint,
+        "num_tokens": run.num_tokens,
+        "log_window": run.window,  # steps since the last logged one: the next logged record averages them too
     }
     staging = run.ckpt_dir / f"step-{steps_done:08d}.partial"
     with _explain_write_failure(f"checkpoint step {steps_done}", staging, run.ckpt_dir):
@@ -1171,8 +1365,10 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's `metrics.jsonl`, one per logged step (non-finite values are None).
+def read_metrics(output_dir: str | Path, split: str | None = "train") -> list[dict[str, Any]]:
+    """The records of a run's `metrics.jsonl` (non-finite values are None): split "train" (the default) gives
+    one per logged step, "eval" the evaluations (`"split": "eval"`, eval_* metrics), None every record in
+    file order.
 
     A torn last line (a run stopped, or a disk filled, while appending) is left out with a warning naming the
     file and line; a line that is not JSON anywhere else is an error (ValueError naming the line)."""
@@ -1192,7 +1388,9 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
                 f"{path}, line {i + 1}: torn last line left out (a run stopped while appending to it)",
                 stacklevel=2,
             )
-    return records
+    if split is None:
+        return records
+    return [r for r in records if r.get("split", "train") == split]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

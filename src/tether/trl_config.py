@@ -32,6 +32,7 @@ TETHER_SECTIONS = (
     "model",
     "lora",
     "data",
+    "eval",
     "objective",
     "reference",
     "optim",
@@ -71,7 +72,6 @@ def _refuse(why: str, allowed: tuple[Any, ...] = ()) -> Field:
     return Field("refused", None, why, allowed)
 
 
-_EVAL = "evaluation during training is not in tether train yet (tether eval scores saved models)"
 _QUANT = "8-bit training is not supported by tether train (4-bit QLoRA is: load_in_4bit, on CUDA)"
 
 FIELDS: dict[str, Field] = {
@@ -83,7 +83,9 @@ FIELDS: dict[str, Field] = {
     "dataset_train_split": _m(
         "data.split", "picks <split>.* in the dataset folder, or the split of a saved DatasetDict"
     ),
-    "dataset_test_split": _noop("read only with evaluation, which eval_strategy 'no' turns off"),
+    "dataset_test_split": _m(
+        "eval.data / eval.split", "with eval_strategy steps or epoch: the split of dataset_name evaluated"
+    ),
     "dataset_config": _m("data.subset", "the configuration (subset) of a Hub data set or data folder"),
     "dataset_streaming": _refuse(
         "tether reads the whole data set (it validates and reports every row)", (False,)
@@ -197,7 +199,9 @@ FIELDS: dict[str, Field] = {
     "train_sampling_strategy": _m(
         "data.shuffle", "random -> true (tether's own seeded order), sequential -> false"
     ),
-    "logging_steps": _m("logging.every", "a whole number of steps"),
+    "logging_steps": _m(
+        "logging.every", "a whole number of steps; each logged record holds the means over them, as TRL's"
+    ),
     "logging_strategy": _refuse("tether logs every logging_steps optimizer steps", ("steps",)),
     "logging_first_step": _noop("which steps are logged only"),
     "logging_nan_inf_filter": _noop("logging only"),
@@ -207,11 +211,18 @@ FIELDS: dict[str, Field] = {
         "checkpoint.keep_last", "null (TRL keeps every checkpoint): tether keeps checkpoint.keep_last"
     ),
     "save_only_model": _refuse("tether checkpoints hold the optimizer too (exact resume)", (False,)),
-    "eval_strategy": _refuse(_EVAL, ("no",)),
-    "eval_steps": _noop("read only with eval_strategy steps"),
-    "per_device_eval_batch_size": _noop("read only with evaluation"),
+    "eval_strategy": _m(
+        "eval.every / eval.per_epoch / eval.at_end",
+        "steps: every eval_steps and after the last step; epoch: at the end of every epoch; no: none",
+    ),
+    "eval_steps": _m(
+        "eval.every", "null: logging_steps (as TRL); a value below 1 is a ratio of max_steps, rounded up"
+    ),
+    "eval_on_start": _m("eval.at_start"),
+    "eval_delay": _refuse("evaluation starts with the first eval step", (0, 0.0)),
+    "per_device_eval_batch_size": _m("eval.batch_size"),
     "do_train": _noop("tether train trains"),
-    "do_eval": _refuse(_EVAL, (False,)),
+    "do_eval": _noop("eval_strategy decides (TRL sets do_eval from it)"),
     "report_to": _m("logging.trackers", "none -> [], a name or a list of names"),
     "run_name": _noop("tracker run name only"),
     "disable_tqdm": _m("logging.progress", "the negation"),
@@ -257,6 +268,10 @@ TRL_DEFAULTS: dict[str, Any] = {
     "max_length": 1024,
     "precompute_ref_log_probs": False,
     "logging_steps": 10,
+    "eval_strategy": "no",
+    "dataset_test_split": "test",
+    "per_device_eval_batch_size": 8,
+    "eval_on_start": False,
     "save_strategy": "steps",
     "save_steps": 500,
     "report_to": "none",
@@ -496,6 +511,7 @@ def from_trl(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         put("logging.progress", "disable_tqdm", lambda v: not v)
     if "ddp_timeout" in trl:
         put("distributed.timeout_s", "ddp_timeout", lambda v: _whole("ddp_timeout", v))
+    _evaluation(trl, value, max_steps, out, prov)
 
     # Tether sections in the same file come last.
     for section, body in tether_sections.items():
@@ -532,6 +548,54 @@ def _model(trl: dict[str, Any], out: dict[str, Any], prov: dict[str, str]) -> No
     if revision not in (None, "main"):
         _set(out, "model.revision", str(revision))
         prov["model.revision"] = "TRL model_revision"
+
+
+def _evaluation(trl, value, max_steps: int, out, prov) -> None:
+    """eval.* from eval_strategy, eval_steps, eval_on_start, per_device_eval_batch_size and the test split of
+    dataset_name, with TRL's semantics: `steps` evaluates every eval_steps (null: logging_steps) and after the
+    last step, `epoch` at the end of every epoch, `no` never (the test split is then not read)."""
+    strategy, source = value("eval_strategy")
+    if strategy == "no":
+        return
+    if strategy not in ("steps", "epoch"):
+        raise TRLConfigError(
+            f"eval_strategy: {strategy!r} is refused: tether evaluates by steps, epoch or no"
+        )
+    if "dataset_name" not in trl:
+        raise TRLConfigError(f"eval_strategy: {strategy!r} needs dataset_name (its test split is evaluated)")
+    split, split_source = value("dataset_test_split")
+    data, split = _dataset(str(trl["dataset_name"]), str(split))
+    _set(out, "eval.data", data)
+    _set(out, "eval.split", split)
+    prov["eval.data"] = f"TRL dataset_name with {split_source}"
+    prov["eval.split"] = split_source
+    if strategy == "steps":
+        steps, steps_source = value("eval_steps")
+        if not steps:  # TrainingArguments: eval_steps falls back to logging_steps
+            steps, steps_source = value("logging_steps")
+            steps_source += " (eval_steps unset: TRL evaluates every logging_steps)"
+        steps = _number("eval_steps", steps)
+        if 0 < steps < 1:
+            if max_steps <= 0:
+                raise TRLConfigError(
+                    f"eval_steps: a ratio ({steps!r}) needs max_steps; give a whole number of steps"
+                )
+            steps_source += f" (ratio {steps} of max_steps {max_steps}, rounded up)"
+            steps = math.ceil(max_steps * steps)
+        _set(out, "eval.every", _whole("eval_steps", steps))
+        prov["eval.every"] = steps_source
+        _set(out, "eval.at_end", True)
+        prov["eval.at_end"] = f"{source} (TRL evaluates after the last step too)"
+    else:
+        _set(out, "eval.per_epoch", True)
+        _set(out, "eval.at_end", False)
+        prov["eval.per_epoch"] = prov["eval.at_end"] = source
+    put_value = value("eval_on_start")
+    _set(out, "eval.at_start", bool(put_value[0]))
+    prov["eval.at_start"] = put_value[1]
+    size, size_source = value("per_device_eval_batch_size")
+    _set(out, "eval.batch_size", _whole("per_device_eval_batch_size", size))
+    prov["eval.batch_size"] = size_source
 
 
 def _target_modules(value: Any) -> list[str]:
