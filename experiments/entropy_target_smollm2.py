@@ -27,7 +27,6 @@ About 4 minutes per seed on 2 CPU cores (one 20-step training, one evaluation of
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -183,16 +182,8 @@ def plot(results: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a local HF folder (default: tether model smollm2)")
-    args = parser.parse_args()
+    model = real_demo_seeds.model_from_args(__doc__.splitlines()[0])
     c.setup()
-    if args.model is None:
-        from tether.pretrained import model_folder
-
-        model = model_folder("smollm2")
-    else:
-        model = Path(args.model)
     results = run(model)
     for claim in claims(results):
         c.log(f"{claim['claim']}: {claim['verdict']}")

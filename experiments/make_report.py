@@ -15,6 +15,7 @@ from typing import Any
 import combinations
 import common as c
 import entropy_target
+import entropy_target_smollm2
 import epsilon_dpo_beta
 import hdpo_alpha_sweep
 import hdpo_mechanism
@@ -694,6 +695,73 @@ def section_entropy_target(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def section_entropy_target_smollm2(results: dict[str, Any]) -> list[str]:
+    m = entropy_target_smollm2
+    seeds = results["seeds"]
+    tgt, a, last, own = (
+        m.target(results),
+        m.final_alpha(results),
+        m.last_entropy(results),
+        m.sample_entropy(results),
+    )
+    rows = []
+    for i, s in enumerate(seeds):
+        ev = results["per_seed"][str(s)]["eval"]
+        rows.append(
+            [
+                str(s),
+                fmt(tgt[i]),
+                fmt(a[i]),
+                fmt(last[i]),
+                fmt(own[i]),
+                *[fmt(ev[name]["entropy"]) for name in m.FIXED],
+                fmt(ev[m.MODEL]["pass@k"]["1"]),
+                *[fmt(ev[name]["pass@k"]["1"]) for name in m.FIXED],
+            ]
+        )
+    same_reference = all(
+        results["per_seed"][str(s)]["eval"]["reference"][k]
+        == results["per_seed"][str(s)]["reference_in_study_7"][k]
+        for s in seeds
+        for k in ("pass@k", "entropy", "mean_length_tokens")
+    )
+    stages = results["wall"]["stages_s"]
+    return [
+        "## 10. H-DPO with an entropy target on the real model: SmolLM2-135M-Instruct",
+        "",
+        f"Study 9's controller on study 7's pairs, per seed one `hdpo` run with `entropy_target_fraction`"
+        f" {results['fraction']:g} of the reference's entropy on the training responses, alpha from 1, alpha_lr"
+        f" {results['alpha_lr']:g}, clamp {results['alpha_clamp']}, the demo's training settings"
+        f" ({results['sizes']['train_steps']} steps of {results['sizes']['batch_size']} pairs, beta 0.2) and its"
+        " evaluation (8 prompts x 8 samples at T=1), so each row compares with study 7's fixed alphas of the same"
+        " seed (DPO = alpha 1). The setting was fixed before running (experiments/entropy_target_smollm2.py"
+        " says why). The reference's samples here "
+        + ("equal" if same_reference else "**differ from**")
+        + " study 7's (same prompts and sampling seed). Wall time "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+        + ".",
+        "",
+        *table(
+            [
+                "seed",
+                "target",
+                "alpha end",
+                f"entropy/step (last {m.LAST})",
+                "entropy T=1",
+                *[f"entropy {n}" for n in m.FIXED],
+                "pass@1",
+                *[f"pass@1 {n}" for n in m.FIXED],
+            ],
+            rows,
+        ),
+        "",
+        "Entropies in nats per token: the target and entropy/step along the training responses (what the"
+        " controller sees), entropy T=1 on the policy's own samples (what the issue asks it to reach).",
+        "",
+        *claim_lines(m.claims(results)),
+    ]
+
+
 SECTIONS: list[tuple[Any, Callable[[dict[str, Any]], list[str]]]] = [
     (hdpo_alpha_sweep, section_hdpo),
     (tdpo_vs_dpo, section_tdpo),
@@ -704,6 +772,7 @@ SECTIONS: list[tuple[Any, Callable[[dict[str, Any]], list[str]]]] = [
     (real_demo_seeds, section_real_demo),
     (iterate_study, section_iterate),
     (entropy_target, section_entropy_target),
+    (entropy_target_smollm2, section_entropy_target_smollm2),
 ]
 
 

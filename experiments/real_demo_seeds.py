@@ -177,17 +177,21 @@ def plot(results: dict[str, Any]) -> list[str]:
     return [c.save_figure(fig, NAME)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_from_args(description: str) -> Path:
+    """The SmolLM2 folder of a real-model study's command line: --model FOLDER, or `tether model smollm2`'s."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=None, help="a local HF folder (default: tether model smollm2)")
     args = parser.parse_args()
-    c.setup()
-    if args.model is None:
-        from tether.pretrained import model_folder
+    if args.model is not None:
+        return Path(args.model)
+    from tether.pretrained import model_folder
 
-        model = model_folder("smollm2")
-    else:
-        model = Path(args.model)
+    return model_folder("smollm2")
+
+
+def main() -> None:
+    model = model_from_args(__doc__.splitlines()[0])
+    c.setup()
     t0 = time.perf_counter()
     results = run(model)
     for claim in claims(results):
