@@ -16,14 +16,22 @@ the policy and the reference, vs_trl.full_logits_pair_stats).
 
 How it measures. Every point (configuration, length) runs in a fresh subprocess (vs_trl.py's workers); its
 peak memory is the child's VmHWM, the resident-memory high-water mark of the whole process (weights,
-reference, AdamW state and the step's activations included. The parent samples the child's RSS every 20 ms and kills it as soon as it exceeds the
-ceiling (default 20 GB of the machine's 23): that point does not fit, and the configuration's sweep stops
-there (a longer length needs more). The parent also kills the child, and marks the point aborted (neither
-fit nor miss), if the machine's MemAvailable falls under --min-free-gb: the box is shared and must never
-swap or invoke the OOM killer; the child's oom_score_adj is 1000 so that it, not a neighbour, goes first.
-Wall time does not change the memory, but it limits the sweep: a configuration stops before a length when
-its previous length took more than --max-point-s (300 s): on 2 CPU cores a point's time grows about 2-3x
-per doubling, so a 4k point over 5 minutes means an 8k point of 15 or more.
+reference, AdamW state and the step's activations included), sampled by the parent and read by the child
+at its end. The parent samples the child's RSS every 20 ms and kills it as soon as it exceeds the ceiling
+(default 20 GB of the machine's 23): that point does not fit, and the configuration's sweep stops there (a
+longer length needs more). The parent also kills the child, and marks the point aborted (neither fit nor
+miss), if the machine's MemAvailable falls under --min-free-gb: the box is shared and must never swap or
+invoke the OOM killer; the child's oom_score_adj is 1000 so that it, not a neighbour, goes first.
+
+Time. Wall time does not change the memory, but it limits the sweep. The lengths run breadth-first (every
+configuration at 512, then each one still going at 1024, ...), so a time budget (--budget-min) cuts the long
+points, not whole configurations; a configuration stops before a length when its previous point used more
+than --max-point-cpu-s CPU seconds (default 600: 5 minutes on 2 idle cores; a point costs 2-3x more per
+doubling of L, so the 8k point is dropped when the 4k one alone took more than that). CPU seconds, not wall
+seconds, because on a shared machine the wall time of a point says more about the neighbours than about
+the point. A configuration whose sweep was cut by time gets its longer lengths predicted from a straight
+line through its last two measured points, marked as predicted (~) in the table and dotted in the plot;
+the targets use measured points only.
 
 Why the 58M model and not SmolLM2-135M's shape: a step at 8k tokens per row costs about 14 TFLOP on the 58M
 model and 54 TFLOP on SmolLM2's (30 layers, plus attention that grows with L), 2 to 4 CPU-hours for the
@@ -142,7 +150,7 @@ def watch(cmd: list[str], env: dict, ceiling_mb: float, min_free_mb: float, time
     proc = psutil.Process(child.pid)
     hwm, status = 0.0, None
     while True:
-        pid, wstatus, _ = os.wait4(child.pid, os.WNOHANG)
+        pid, wstatus, usage = os.wait4(child.pid, os.WNOHANG)
         if pid:
             break
         try:
@@ -177,6 +185,7 @@ def watch(cmd: list[str], env: dict, ceiling_mb: float, min_free_mb: float, time
         "status": status,
         "peak_mb": hwm,
         "wall_s": time.perf_counter() - t0,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "tail": tail if status not in ("ok", "over ceiling") else "",
     }
 
@@ -227,10 +236,11 @@ def next_point(points: list, length: int, args) -> dict | None:
     last = points[-1]
     if not fits(last):
         return {}
-    if last["wall_s"] > args.max_point_s:
+    cpu = last.get("cpu_s", last["wall_s"])
+    if cpu > args.max_point_cpu_s:
         return {
             "length": length,
-            "status": f"skipped: the {last['length']} point took {last['wall_s']:.0f} s > {args.max_point_s:.0f} s",
+            "status": f"skipped: the {last['length']} point used {cpu:.0f} CPU s > {args.max_point_cpu_s:.0f}",
         }
     return None
 
@@ -238,7 +248,7 @@ def next_point(points: list, length: int, args) -> dict | None:
 def sweep(configs, lengths, folder: Path, env: dict, args, results: dict, log) -> None:
     """Every configuration at the shortest length, then every one still going at the next length, and so on
     (so that a time budget cuts the long points, not whole configurations). A configuration stops at its
-    first point that does not fit, and before a length whose predecessor took more than args.max_point_s."""
+    first point that does not fit, and before a length whose predecessor took more than args.max_point_cpu_s."""
     points = results["points"]
     for length in lengths:
         for cfg in configs:
@@ -256,7 +266,7 @@ def sweep(configs, lengths, folder: Path, env: dict, args, results: dict, log) -
             mine.append(point)
             log(
                 f"  {cfg.label:<24} {length:>5}: {point['status']:<14} peak {point['peak_mb']:7.0f} MB,"
-                f" {point['wall_s']:5.0f} s (load {os.getloadavg()[0]:.1f}, MemAvailable {mem_available_mb():.0f} MB)"
+                f" {point['wall_s']:5.0f} s, {point['cpu_s']:5.0f} CPU s (load {os.getloadavg()[0]:.1f}, MemAvailable {mem_available_mb():.0f} MB)"
             )
             args.save()
 
@@ -278,16 +288,34 @@ def complete(points: list, lengths) -> bool:
     )
 
 
+def predicted(points: list, lengths, ceiling_mb: float) -> dict:
+    """For a configuration whose sweep stopped before its limit (time, not memory): the peak at each longer
+    length extrapolated linearly from its last two fitting points, {length: MB}. Empty otherwise."""
+    ok = [q for q in points if fits(q)]
+    if len(ok) < 2 or complete(points, lengths):
+        return {}
+    (l1, m1), (l2, m2) = [(q["length"], q["peak_mb"]) for q in ok[-2:]]
+    slope = (m2 - m1) / (l2 - l1)
+    return {L: m2 + slope * (L - l2) for L in lengths if L > l2}
+
+
+def predicted_fit(points: list, lengths, ceiling_mb: float) -> int | None:
+    pred = predicted(points, lengths, ceiling_mb)
+    fit = [L for L, mb in pred.items() if mb <= ceiling_mb]
+    return max(fit) if fit else None
+
+
 def report(results: dict) -> str:
     lengths = results["lengths"]
     rows = results["points"]
+    ceiling_mb = results["ceiling_gb"] * 1024
+    top = max(lengths)
     out = []
     p = out.append
-    m = results["model"]
     p("memory ceiling on CPU: peak RSS of one DPO training step (batch 1 pair) against sequence length L")
-    p(f"model: {m}")
+    p(f"model: {results['model']}")
     p(
-        f"data: one pair, chosen and rejected rows each prompt + response = L tokens (a quarter prompt), max_length L;"
+        "data: one pair, chosen and rejected rows each prompt + response = L tokens (a quarter prompt), max_length L;"
         f" float32, AdamW, reference copy; torch threads {results['threads'] or 'default'}"
     )
     p(
@@ -295,74 +323,80 @@ def report(results: dict) -> str:
         " killed and ends its configuration's sweep"
     )
     p("")
-    head = f"{'configuration':<24}" + "".join(f"{L:>9}" for L in lengths) + f"{'longest fit':>13}"
+    head = f"{'configuration':<24}" + "".join(f"{L:>9}" for L in lengths) + f"{'longest fit':>14}"
     p(head)
-    p(f"{'':<24}" + "".join(f"{'MB':>9}" for _ in lengths))
+    p(f"{'':<24}" + "".join(f"{'MB':>9}" for _ in lengths) + f"{'(predicted)':>14}")
     p("-" * len(head))
     notes = []
     for label, points in rows.items():
         by_len = {q["length"]: q for q in points}
+        pred = predicted(points, lengths, ceiling_mb)
         cells = []
         for L in lengths:
             q = by_len.get(L)
-            if q is None:
-                cells.append(f"{'':>9}")
-            elif fits(q):
+            if q is not None and fits(q):
                 cells.append(f"{q['peak_mb']:>9.0f}")
-            elif q["status"] == "over ceiling":
+            elif q is not None and q["status"] == "over ceiling":
                 cells.append(f"{'>ceil':>9}")
-            elif q["status"].startswith("skipped"):
-                cells.append(f"{'skip':>9}")
-                notes.append(f"{label} at {L}: {q['status']}")
+            elif L in pred:
+                cells.append(f"{'~' + format(pred[L], '.0f'):>9}")
+            elif q is None:
+                cells.append(f"{'':>9}")
             else:
                 cells.append(f"{'fail':>9}")
+            if q is not None and not fits(q) and q["status"] != "over ceiling":
                 notes.append(f"{label} at {L}: {q['status']}")
         fit = longest_fit(points)
-        mark = "" if complete(points, lengths) else " (incomplete)"
-        p(f"{label:<24}" + "".join(cells) + f"{(str(fit) if fit else 'none') + mark:>13}")
+        cell = str(fit) if fit else "none"
+        if not complete(points, lengths):
+            pf = predicted_fit(points, lengths, ceiling_mb)
+            cell = f"{cell} (~{pf})" if pf and pf != fit else f"{cell} (cut)"
+        p(f"{label:<24}" + "".join(cells) + f"{cell:>14}")
     p("")
-    p("seconds per point (process start to exit; nice 19 on a shared machine: an indication only):")
+    p(
+        "CPU seconds per point (process start to exit, all threads; wall seconds on a shared machine say little):"
+    )
     for label, points in rows.items():
-        times = ", ".join(f"{q['length']}: {q['wall_s']:.0f}" for q in points if "wall_s" in q)
+        times = ", ".join(
+            f"{q['length']}: {q.get('cpu_s', float('nan')):.0f}" for q in points if "wall_s" in q
+        )
         p(f"  {label:<24} {times}")
     for note in notes:
         p(f"  note: {note}")
     p("")
     p(
-        "columns: peak RSS (VmHWM of the fresh process: weights, reference, AdamW state and the step's"
-        " activations), MB; >ceil: killed above the ceiling; skip: not run (see the notes); longest fit: the"
-        " longest L under the ceiling (the top of the sweep means the real limit is higher)"
+        "cells: peak RSS (VmHWM of the fresh process: weights, reference, AdamW state and the step's activations)"
+        " in MB; >ceil: killed above the ceiling; ~N: not run (the sweep was cut by time, see the notes),"
+        " predicted by a straight line through the configuration's last two measured points. longest fit: the"
+        " longest measured L under the ceiling (the top of the sweep: the real limit is higher); (~L): the"
+        " longest L whose predicted peak is under the ceiling; (cut): none predicted further."
     )
     p("")
-    p("targets:")
-    top = max(lengths)
+    p("targets (on measured points only):")
 
     def fit_of(label):
         return longest_fit(rows[label]) if label in rows else None
 
-    def ratio_line(a: str, b: str):
+    def ratio_target(a: str, b: str):
         fa, fb = fit_of(a), fit_of(b)
-        if a not in rows or b not in rows or fa is None:
+        if fa is None or b not in rows:
             return None
         if fb is None:
             return (f"tether fits >= 4x TRL's length ({a}: {fa}; {b}: none of the lengths)", True)
         r = fa / fb
-        met = r >= 4
-        bound = " (a lower bound: tether fit the longest length swept)" if fa == top and not met else ""
-        return (f"tether fits >= 4x TRL's length ({a}: {fa} / {b}: {fb} = x{r:g}{bound})", met)
+        open_ended = fa == top or not complete(rows[a], lengths)
+        bound = " (a lower bound: tether's sweep did not reach its limit)" if open_ended and r < 4 else ""
+        if not complete(rows[b], lengths):
+            bound += f" ({b}'s sweep did not reach its limit either)"
+        return (f"tether fits >= 4x TRL's length ({a}: {fa} / {b}: {fb} = x{r:g}{bound})", r >= 4)
 
-    targets = [
-        ratio_line("tether dpo", "trl dpo"),
-        ratio_line("tether dpo +gc", "trl dpo +gc"),
-    ]
-    tether_best = max((fit_of(k) or 0, k) for k in rows if k.startswith("tether"))
-    trl_best = (
-        max((fit_of(k) or 0, k) for k in rows if k.startswith("trl"))
-        if any(k.startswith("trl") for k in rows)
-        else None
-    )
-    if trl_best and tether_best[0]:
-        targets.append(ratio_line(tether_best[1], trl_best[1]))
+    targets = [ratio_target("tether dpo", "trl dpo"), ratio_target("tether dpo +gc", "trl dpo +gc")]
+    measured_t = [(fit_of(k) or 0, k) for k in rows if k.startswith("tether")]
+    measured_r = [(fit_of(k) or 0, k) for k in rows if k.startswith("trl")]
+    if measured_t and measured_r:
+        best_t, best_r = max(measured_t)[1], max(measured_r)[1]
+        if (best_t, best_r) not in (("tether dpo", "trl dpo"), ("tether dpo +gc", "trl dpo +gc")):
+            targets.append(ratio_target(best_t, best_r))
     for suffix in ("", " +gc"):
         a, b = f"tether tdpo2{suffix}", f"tether dpo{suffix}"
         if a in rows and b in rows:
@@ -391,6 +425,11 @@ def plot(results: dict, path: Path) -> None:
         line = ax.plot(
             [q["length"] for q in ok], [q["peak_mb"] / 1024 for q in ok], style, marker="o", label=label
         )
+        pred = predicted(points, results["lengths"], results["ceiling_gb"] * 1024)
+        if pred:
+            xs = [ok[-1]["length"], *pred]
+            ys = [ok[-1]["peak_mb"] / 1024, *(mb / 1024 for mb in pred.values())]
+            ax.plot(xs, ys, ":", marker="o", markerfacecolor="none", color=line[0].get_color())
         over = [q for q in points if q["status"] == "over ceiling"]
         if over:
             ax.plot(
@@ -405,7 +444,7 @@ def plot(results: dict, path: Path) -> None:
     ax.text(
         results["lengths"][0],
         results["ceiling_gb"] * 1.02,
-        f"ceiling {results['ceiling_gb']:g} GB (x: killed above it)",
+        f"ceiling {results['ceiling_gb']:g} GB (x: killed above it; dotted: predicted, not run)",
     )
     ax.set_xscale("log", base=2)
     ax.set_xticks(results["lengths"], [str(L) for L in results["lengths"]])
@@ -434,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         "--min-free-gb", type=float, default=1.0, help="abort a point if MemAvailable falls under"
     )
     parser.add_argument(
-        "--max-point-s", type=float, default=300.0, help="no longer length after a point this slow"
+        "--max-point-cpu-s",
+        type=float,
+        default=600.0,
+        help="no longer length after a point using this much CPU",
     )
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="kill a point after this long")
     parser.add_argument(

@@ -156,7 +156,8 @@ QUICK = BenchConfig(
 # SmolLM2-135M(-Instruct)'s architecture (its config.json): tied embeddings, vocabulary 49152, 30 layers of
 # width 576, grouped-query attention with 3 key/value heads. The weights come from `weights` when that folder
 # holds the converted model, else they are random (same shapes, same cost per step). Shorter pairs than the
-# default so that the six runs take about 10 minutes on 2 idle cores.
+# default (prompts 16-64 tokens, responses 8-128, max_length 192) and a 1024^2 matmul peak, so that its six
+# runs take about 10 minutes on 2 idle cores.
 SMOL = BenchConfig(
     hidden=576,
     layers=30,
@@ -167,12 +168,13 @@ SMOL = BenchConfig(
     tied=True,
     rope_theta=100000.0,
     rms_norm_eps=1e-5,
-    prompt=(16, 96),
-    response=(8, 160),
-    max_length=256,
+    prompt=(16, 64),
+    response=(8, 128),
+    max_length=192,
     pairs_per_step=4,
     warmup=1,
     timed=2,
+    mm_size=1024,
     weights="/tmp/smol/model",
     name="SmolLM2-135M",
 )
