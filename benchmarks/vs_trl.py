@@ -156,8 +156,8 @@ QUICK = BenchConfig(
 # SmolLM2-135M(-Instruct)'s architecture (its config.json): tied embeddings, vocabulary 49152, 30 layers of
 # width 576, grouped-query attention with 3 key/value heads. The weights come from `weights` when that folder
 # holds the converted model, else they are random (same shapes, same cost per step). Shorter pairs than the
-# default (prompts 16-64 tokens, responses 8-128, max_length 192) and a 1024^2 matmul peak, so that its six
-# runs take about 10 minutes on 2 idle cores.
+# default (prompts 16-64 tokens, responses 8-128, max_length 192, 2 pairs per step) and a 1024^2 matmul peak,
+# so that its six runs take about 5 minutes on 2 idle cores.
 SMOL = BenchConfig(
     hidden=576,
     layers=30,
@@ -171,7 +171,7 @@ SMOL = BenchConfig(
     prompt=(16, 64),
     response=(8, 128),
     max_length=192,
-    pairs_per_step=4,
+    pairs_per_step=2,
     warmup=1,
     timed=2,
     mm_size=1024,
@@ -703,6 +703,13 @@ def report(cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args) -> 
         "model FLOPs to both libraries although tether applies lm_head to response tokens only and TRL on CPU to"
     )
     p("every position, padding included.")
+    loads = [r["summary"]["load1"] for r in rows.values()]
+    if max(loads) > 0.5 * (os.cpu_count() or 1):
+        p(
+            f"SHARED MACHINE: 1-minute load average {min(loads):.1f}-{max(loads):.1f} before the runs on"
+            f" {os.cpu_count()} cores; wall-time columns and their ratios carry the other processes' noise (cpu"
+        )
+        p("s/step, memory and losses much less). Compare runs within this report only.")
     p("")
 
     def s(label):
