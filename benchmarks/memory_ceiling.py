@@ -316,7 +316,7 @@ def report(results: dict) -> str:
     p(f"model: {results['model']}")
     p(
         "data: one pair, chosen and rejected rows each prompt + response = L tokens (a quarter prompt), max_length L;"
-        f" float32, AdamW, reference copy; torch threads {results['threads'] or 'default'}"
+        " float32, AdamW, reference copy; torch threads: see the runs (memory does not depend on them)"
     )
     p(
         f"ceiling {results['ceiling_gb']:g} GB (the machine: {results['mem_total_gb']:.1f} GB); a point above it is"
@@ -348,19 +348,25 @@ def report(results: dict) -> str:
                 notes.append(f"{label} at {L}: {q['status']}")
         fit = longest_fit(points)
         cell = str(fit) if fit else "none"
-        if not complete(points, lengths):
+        if not points:
+            cell = "not run"
+        elif not complete(points, lengths):
             pf = predicted_fit(points, lengths, ceiling_mb)
             cell = f"{cell} (~{pf})" if pf and pf != fit else f"{cell} (cut)"
         p(f"{label:<24}" + "".join(cells) + f"{cell:>14}")
     p("")
     p(
-        "CPU seconds per point (process start to exit, all threads; wall seconds on a shared machine say little):"
+        "CPU seconds per point (process start to exit, all threads; ?: not recorded by the script's first version;"
     )
+    p("wall seconds on a shared machine say little):")
     for label, points in rows.items():
         times = ", ".join(
-            f"{q['length']}: {q.get('cpu_s', float('nan')):.0f}" for q in points if "wall_s" in q
+            f"{q['length']}: {q['cpu_s']:.0f}" if "cpu_s" in q else f"{q['length']}: ?"
+            for q in points
+            if "wall_s" in q
         )
-        p(f"  {label:<24} {times}")
+        if times:
+            p(f"  {label:<24} {times}")
     for note in notes:
         p(f"  note: {note}")
     p("")
@@ -576,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "date": datetime.datetime.now().astimezone().strftime("%a %b %d %H:%M:%S %Z %Y"),
                 "configurations": [c.label for c in configs],
+                "threads": args.threads,
                 "load_start": load_start,
                 "load_end": os.getloadavg(),
             }
@@ -590,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, Path(args.plot))
     if args.write_results:
         runs = "; ".join(
-            f"{r['date']} ({', '.join(r['configurations'])}; load average 1/5/15 min at the start"
+            f"{r['date']} ({', '.join(r['configurations'])}; torch threads {r.get('threads') or 'default'}; load average 1/5/15 min at the start"
             f" {' '.join(f'{x:.2f}' for x in r['load_start'])}, at the end {' '.join(f'{x:.2f}' for x in r['load_end'])})"
             for r in results.get("runs", [])
         )

@@ -116,7 +116,7 @@ def test_vs_trl_write_results_keeps_the_other_sections(tmp_path) -> None:
     section = text[len(OTHER_SECTIONS) :]
     assert "tied lm_head" in section and "(2 key/value heads)" in section
     row = next(line for line in section.splitlines() if line.startswith("tether dpo "))
-    assert row.split()[7] == "0.69315"  # step 1: policy = reference, loss log 2
+    assert row.split()[9] == "0.69315"  # loss@1: policy = reference, log 2
     assert "load average (1, 5, 15 min) at the start" in section
 
 
