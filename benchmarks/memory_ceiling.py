@@ -394,7 +394,11 @@ def report(results: dict) -> str:
         bound = " (a lower bound: tether's sweep did not reach its limit)" if open_ended and r < 4 else ""
         if not complete(rows[b], lengths):
             bound += f" ({b}'s sweep did not reach its limit either)"
-        return (f"tether fits >= 4x TRL's length ({a}: {fa} / {b}: {fb} = x{r:g}{bound})", r >= 4)
+        undetermined = r < 4 and open_ended and not complete(rows[b], lengths)
+        return (
+            f"tether fits >= 4x TRL's length ({a}: {fa} / {b}: {fb} = x{r:g}{bound})",
+            None if undetermined else r >= 4,
+        )
 
     targets = [ratio_target("tether dpo", "trl dpo"), ratio_target("tether dpo +gc", "trl dpo +gc")]
     measured_t = [(fit_of(k) or 0, k) for k in rows if k.startswith("tether")]
@@ -407,12 +411,14 @@ def report(results: dict) -> str:
         a, b = f"tether tdpo2{suffix}", f"tether dpo{suffix}"
         if a in rows and b in rows:
             fa, fb = fit_of(a), fit_of(b)
-            targets.append(
-                (f"TDPO2 fits the same length as tether DPO ({a}: {fa}; {b}: {fb})", (fa or 0) >= (fb or 0))
-            )
+            met = (fa or 0) >= (fb or 0)
+            if not met and not complete(rows[a], lengths):
+                met = None  # its sweep was cut by time before the length tether dpo reached
+            targets.append((f"TDPO2 fits the same length as tether DPO ({a}: {fa}; {b}: {fb})", met))
     for t in targets:
         if t is not None:
-            p(f"  [{'met' if t[1] else 'NOT met'}] {t[0]}")
+            verdict = "not determined: sweep cut by time" if t[1] is None else ("met" if t[1] else "NOT met")
+            p(f"  [{verdict}] {t[0]}")
     return "\n".join(out)
 
 
