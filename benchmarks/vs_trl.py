@@ -36,8 +36,9 @@ How it measures, inside each subprocess:
     metrics.jsonl step_time_s goes to results.json (with --keep) as a cross-check.
   - Real tokens: non-padding tokens of the step's batch (attention mask ones: prompt+chosen and
     prompt+rejected rows), derived from the data. real tok/s = real tokens of the timed steps / their time.
-  - Peak RSS: resource.getrusage(RUSAGE_SELF).ru_maxrss read in the hook of the last step (the process's
-    high-water mark over setup and training, before the final model is saved).
+  - Peak RSS: the process's VmHWM (/proc/self/status; ru_maxrss where there is no /proc, see peak_rss_mb)
+    read in the hook of the last step (the high-water mark over setup and training, before the final model
+    is saved).
   - Activation peak: peak RSS minus the RSS after the first optimizer step (when weights, gradients and AdamW
     state exist); at that hook the script calls glibc malloc_trim(0) first so freed activation memory is not
     counted in the baseline.
@@ -73,10 +74,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import results_md  # noqa: E402  (benchmarks/ is not a package)
+
 REL_TOL = 1e-4  # losses at steps 1-3 must agree to this relative tolerance
 
 
@@ -96,19 +101,42 @@ class BenchConfig:
     lr: float = 5e-5
     beta: float = 0.1
     seed: int = 0
+    kv_heads: int | None = None  # key/value heads (grouped-query attention when < heads); None: heads
+    tied: bool = False  # lm_head shares the input embedding's weight
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    weights: str | None = None  # a Hugging Face folder of this shape whose weights to use, if it exists
+    name: str = "Llama"  # the model's name in the report
+    mm_size: int = 2048  # matrix size of the torch.mm peak measured in every worker
 
     @property
     def steps(self) -> int:
         return self.warmup + self.timed
 
+    def _attention(self) -> int:
+        """q, k, v, o weights of one layer (k and v are kv_heads * head_dim wide)."""
+        kv = self.hidden // self.heads * (self.kv_heads or self.heads)
+        return 2 * self.hidden * self.hidden + 2 * self.hidden * kv
+
     def n_params(self) -> int:
-        per_layer = 4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate + 2 * self.hidden
-        return 2 * self.vocab * self.hidden + self.layers * per_layer + self.hidden
+        per_layer = self._attention() + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        embeddings = (1 if self.tied else 2) * self.vocab * self.hidden
+        return embeddings + self.layers * per_layer + self.hidden
 
     def n_matmul(self) -> int:
-        """Weights of every nn.Linear: q, k, v, o, gate, up, down per layer, and lm_head."""
-        return self.layers * (4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate) + (
-            self.vocab * self.hidden
+        """Weights of every nn.Linear: q, k, v, o, gate, up, down per layer, and lm_head (tied or not: it is
+        a matmul either way)."""
+        return (
+            self.layers * (self._attention() + 3 * self.hidden * self.intermediate) + self.vocab * self.hidden
+        )
+
+    def describe(self) -> str:
+        kv = f" ({self.kv_heads} key/value heads)" if self.kv_heads else ""
+        return (
+            f"{self.name}: hidden {self.hidden}, {self.layers} layers, {self.heads} heads{kv}, intermediate"
+            f" {self.intermediate}, vocab {self.vocab}, {'tied' if self.tied else 'untied'} lm_head;"
+            f" {self.n_params() / 1e6:.2f}M parameters, N_matmul {self.n_matmul() / 1e6:.2f}M (every nn.Linear"
+            " weight incl. lm_head)"
         )
 
 
@@ -124,6 +152,57 @@ QUICK = BenchConfig(
     max_length=256,
     warmup=1,
     timed=2,
+)
+# SmolLM2-135M(-Instruct)'s architecture (its config.json): tied embeddings, vocabulary 49152, 30 layers of
+# width 576, grouped-query attention with 3 key/value heads. The weights come from `weights` when that folder
+# holds the converted model, else they are random (same shapes, same cost per step). Shorter pairs than the
+# default (prompts 16-64 tokens, responses 8-128, max_length 192, 2 pairs per step) and a 1024^2 matmul peak,
+# so that its six runs take about 5 minutes on 2 idle cores.
+SMOL = BenchConfig(
+    hidden=576,
+    layers=30,
+    heads=9,
+    kv_heads=3,
+    intermediate=1536,
+    vocab=49152,
+    tied=True,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    prompt=(16, 64),
+    response=(8, 128),
+    max_length=192,
+    pairs_per_step=2,
+    warmup=1,
+    timed=2,
+    mm_size=1024,
+    weights="/tmp/smol/model",
+    name="SmolLM2-135M",
+)
+# For tests: the smol config's features (tied head, grouped-query attention) at toy size, seconds per run.
+TINY = BenchConfig(
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    intermediate=128,
+    vocab=512,
+    tied=True,
+    prompt=(8, 24),
+    response=(4, 24),
+    max_length=64,
+    pairs_per_step=2,
+    warmup=1,
+    timed=1,
+    mm_size=256,
+)
+CONFIGS = {"default": DEFAULT, "quick": QUICK, "smol": SMOL, "tiny": TINY}
+SMOL_RUNS = (  # the comparison of issue 16 on the real architecture; no checkpointing, no full-logits path
+    "tether dpo",
+    "trl dpo",
+    "tether dpo cache",
+    "trl dpo precompute",
+    "tether tdpo2",
+    "tether epsilon_dpo",
 )
 
 
@@ -169,6 +248,7 @@ def build_assets(cfg: BenchConfig, folder: Path) -> dict:
     from tether.toy.model import tiny_llama_config
 
     model_dir = folder / "model"
+    source = real_weights(cfg)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     vocab.update({f"w{i}": i for i in range(4, cfg.vocab)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -179,18 +259,37 @@ def build_assets(cfg: BenchConfig, folder: Path) -> dict:
     )
     tokenizer.save_pretrained(model_dir)
     torch.manual_seed(cfg.seed)
-    config = tiny_llama_config(
-        cfg.vocab,
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_layers=cfg.layers,
-        num_heads=cfg.heads,
-        max_position_embeddings=cfg.max_length,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config)
+    if source is not None:
+        # The real weights; the word-level tokenizer above maps text to ids below the same vocabulary size,
+        # and the cost of a step does not depend on which ids they are. Special ids as in the tokenizer.
+        model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
+        c = model.config
+        if (c.hidden_size, c.num_hidden_layers, c.vocab_size, c.tie_word_embeddings) != (
+            cfg.hidden,
+            cfg.layers,
+            cfg.vocab,
+            cfg.tied,
+        ):
+            raise RuntimeError(f"{source}: not the shape of {cfg.name}")
+        c.bos_token_id, c.eos_token_id, c.pad_token_id = 1, 2, 0
+        c.max_position_embeddings = max(c.max_position_embeddings, cfg.max_length)
+    else:
+        config = tiny_llama_config(
+            cfg.vocab,
+            hidden_size=cfg.hidden,
+            intermediate_size=cfg.intermediate,
+            num_layers=cfg.layers,
+            num_heads=cfg.heads,
+            num_kv_heads=cfg.kv_heads,
+            max_position_embeddings=cfg.max_length,
+            tie_word_embeddings=cfg.tied,
+            rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+            rms_norm_eps=cfg.rms_norm_eps,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     if (n_params, n_linear) != (cfg.n_params(), cfg.n_matmul()):
@@ -223,6 +322,16 @@ def build_assets(cfg: BenchConfig, folder: Path) -> dict:
     return {"real_tokens": real, "response_tokens": response, "padded_tokens": padded}
 
 
+def real_weights(cfg: BenchConfig) -> str | None:
+    """cfg.weights when that folder holds a model (config.json and safetensors), else None (random weights)."""
+    if cfg.weights is None:
+        return None
+    folder = Path(cfg.weights)
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return str(folder)
+    return None
+
+
 # --- the worker (one configuration, one fresh process) ---------------------------------------------------
 
 
@@ -241,8 +350,22 @@ def matmul_peak(n: int = 2048, reps: int = 5, inner: int = 3) -> float:
     return best
 
 
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark, MB: VmHWM of /proc/self/status (ru_maxrss where there
+    is no /proc). Not ru_maxrss on Linux: a child's ru_maxrss starts at its parent's high-water mark (the
+    kernel carries the parent's through fork and exec), so a worker started by a parent that built a large
+    model would never report less than the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class StepProbe:
-    """Global optimizer step hook: wall/CPU time, RSS after step 1 (after malloc_trim), ru_maxrss."""
+    """Global optimizer step hook: wall/CPU time, RSS after step 1 (after malloc_trim), peak RSS (VmHWM)."""
 
     def __init__(self, optimizer_type):
         import psutil
@@ -266,7 +389,7 @@ class StepProbe:
             return
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
-        self.maxrss_mb.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        self.maxrss_mb.append(peak_rss_mb())
         if len(self.wall) == 1:
             if self._trim is not None:
                 self._trim(0)
@@ -415,15 +538,16 @@ def worker(spec: dict) -> None:
     import torch
 
     start = time.perf_counter()
-    peak_start = matmul_peak()
+    peak_start = matmul_peak(spec["mm_size"])
     probe_box: list[StepProbe] = []
     result = _run_trl(spec, probe_box) if spec["lib"] == "trl" else _run_tether(spec, probe_box)
     probe = probe_box[0]
-    peak_end = matmul_peak()
+    peak_end = matmul_peak(spec["mm_size"])
     result.update(
         wall=probe.wall,
         cpu=probe.cpu,
         maxrss_mb=probe.maxrss_mb,
+        exit_peak_mb=peak_rss_mb(),
         rss_after_first_mb=probe.rss_after_first_mb,
         to_first_step_s=probe.wall[0] - start if probe.wall else None,
         matmul_peak=[peak_start, peak_end],
@@ -453,6 +577,7 @@ def run_one(run: RunSpec, cfg: BenchConfig, folder: Path, env: dict, log, keep: 
         "lr": cfg.lr,
         "beta": cfg.beta,
         "seed": cfg.seed,
+        "mm_size": cfg.mm_size,
     }
     load = _load1()
     t = time.perf_counter()
@@ -519,16 +644,18 @@ def rel_diff(a: list[float], b: list[float]) -> float:
 def report(cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args) -> str:
     out = []
     p = out.append
-    p(f"tether vs TRL DPOTrainer on CPU ({'--quick' if args.quick else 'default config'})")
+    p(f"tether vs TRL DPOTrainer on CPU ({args.config_name} config)")
     p(
         f"versions: tether {versions['tether']}, trl {versions['trl']}, torch {versions['torch']},"
         f" transformers {versions['transformers']}, accelerate {versions['accelerate']}, python {versions['python']}"
     )
-    p(
-        f"model: Llama, hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads, intermediate {cfg.intermediate},"
-        f" vocab {cfg.vocab}, untied lm_head; {cfg.n_params() / 1e6:.2f}M parameters,"
-        f" N_matmul {cfg.n_matmul() / 1e6:.2f}M (every nn.Linear weight incl. lm_head)"
-    )
+    p(f"model: {cfg.describe()}")
+    if cfg.weights is not None:
+        source = real_weights(cfg)
+        p(
+            f"weights: {'the real weights from ' + source if source else 'random (no model at ' + cfg.weights + ')'};"
+            " token ids from a word-level tokenizer of the same vocabulary size (the cost does not depend on them)"
+        )
     steps = len(counts["real_tokens"])
     p(
         f"data: {steps * cfg.pairs_per_step} pairs, {cfg.pairs_per_step} per step, prompts {cfg.prompt[0]}-{cfg.prompt[1]}"
@@ -564,7 +691,7 @@ def report(cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args) -> 
         "and process CPU seconds per timed optimizer step; MFU = (8 or 6) * N_matmul * real tokens / time / mm peak;"
     )
     p(
-        "mm peak = best torch.mm 2048^2 float32 rate in that run; peak RSS = ru_maxrss; act.peak = peak RSS - RSS"
+        f"mm peak = best torch.mm {cfg.mm_size}^2 float32 rate in that run; peak RSS = VmHWM; act.peak = peak RSS - RSS"
     )
     p(
         "after step 1; start = seconds from process start to the end of step 1 (imports, loading, tokenization,"
@@ -576,6 +703,13 @@ def report(cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args) -> 
         "model FLOPs to both libraries although tether applies lm_head to response tokens only and TRL on CPU to"
     )
     p("every position, padding included.")
+    loads = [r["summary"]["load1"] for r in rows.values()]
+    if max(loads) > 0.5 * (os.cpu_count() or 1):
+        p(
+            f"SHARED MACHINE: 1-minute load average {min(loads):.1f}-{max(loads):.1f} before the runs on"
+            f" {os.cpu_count()} cores; wall-time columns and their ratios carry the other processes' noise (cpu"
+        )
+        p("s/step, memory and losses much less). Compare runs within this report only.")
     p("")
 
     def s(label):
@@ -682,7 +816,19 @@ def cpu_model() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller model and data (about 2 minutes)")
-    parser.add_argument("--write-results", action="store_true", help="write benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--config",
+        choices=sorted(CONFIGS),
+        default=None,
+        help="default | quick (= --quick) | smol (SmolLM2-135M's architecture; its 6 runs) | tiny (tests)",
+    )
+    parser.add_argument(
+        "--smol-path", default=SMOL.weights, help="the converted SmolLM2 folder (random weights if absent)"
+    )
+    parser.add_argument(
+        "--write-results", action="store_true", help="rewrite this config's section of benchmarks/RESULTS.md"
+    )
+    parser.add_argument("--results-file", default=str(HERE / "RESULTS.md"), help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", default=None, help="run only these labels (see RUNS)")
     parser.add_argument("--no-gc", action="store_true", help="skip the gradient-checkpointing runs")
     parser.add_argument("--keep", default=None, help="keep the model, data and run folders here")
@@ -698,8 +844,14 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker))
         return 0
 
-    cfg = QUICK if args.quick else DEFAULT
-    runs = [r for r in RUNS if (args.only is None or r.label in args.only) and not (args.no_gc and r.gc)]
+    if args.quick and args.config not in (None, "quick"):
+        parser.error("--quick and --config other than quick")
+    args.config_name = args.config or ("quick" if args.quick else "default")
+    cfg = CONFIGS[args.config_name]
+    if args.config_name == "smol":
+        cfg = replace(cfg, weights=args.smol_path)
+    only = args.only if args.only is not None else (SMOL_RUNS if args.config_name == "smol" else None)
+    runs = [r for r in RUNS if (only is None or r.label in only) and not (args.no_gc and r.gc)]
     command = "python benchmarks/vs_trl.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -719,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     log(f"[vs_trl] assets in {folder}")
     counts = build_assets(cfg, folder)
     rows = {}
@@ -729,7 +882,11 @@ def main(argv: list[str] | None = None) -> int:
         rows[run.label]["threads"] = res["threads"]
     text = report(cfg, rows, versions(), counts, args)
     total = time.perf_counter() - t0
-    text += f"\n\ntotal wall time {total / 60:.1f} min"
+    load_end = os.getloadavg()
+    text += f"\n\ntotal wall time {total / 60:.1f} min; load average (1, 5, 15 min) at the start"
+    text += (
+        f" {' '.join(f'{x:.2f}' for x in load_start)}, at the end {' '.join(f'{x:.2f}' for x in load_end)}"
+    )
     print(text)
     if args.keep:
         (folder / "results.json").write_text(
@@ -739,11 +896,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
     if args.write_results:
         now = datetime.datetime.now().astimezone().strftime("%a %b %d %H:%M:%S %Z %Y")
-        header = [
-            "# tether vs TRL DPOTrainer: results",
+        body = [
+            f"## tether vs TRL DPOTrainer: {args.config_name} config",
             "",
-            "Written by `benchmarks/vs_trl.py --write-results`; every number below is the script's output.",
-            "See benchmarks/README.md for the method and the columns.",
+            f"Written by `benchmarks/vs_trl.py --config {args.config_name} --write-results`; every number in this"
+            " section is the script's output. See benchmarks/README.md for the method and the columns.",
             "",
             f"- date: {now}",
             f"- machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}, {platform.machine()}, {platform.system()}",
@@ -752,10 +909,9 @@ def main(argv: list[str] | None = None) -> int:
             "```",
             text,
             "```",
-            "",
         ]
-        (HERE / "RESULTS.md").write_text("\n".join(header))
-        log(f"[vs_trl] wrote {HERE / 'RESULTS.md'}")
+        results_md.write_section(Path(args.results_file), f"vs_trl:{args.config_name}", "\n".join(body))
+        log(f"[vs_trl] wrote its section of {args.results_file}")
     return 0
 
 
