@@ -1,4 +1,4 @@
-"""Study 7: H-DPO with an entropy target (alpha tuned during training by a dual step) on the "reverse" task.
+"""Study 9: H-DPO with an entropy target (alpha tuned during training by a dual step) on the "reverse" task.
 
 For each seed: pairs made as in study 1 -> DPO at beta 1 (the best fixed alpha of study 1 at T=1, retrained here
 as the baseline) and one `hdpo` run per target, alpha starting at 1 (DPO) and moved after every step by

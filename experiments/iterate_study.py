@@ -1,4 +1,4 @@
-"""Study 7: on-policy rounds (`tether iterate`) with DPO, H-DPO (alpha 0.8 and 1.2) and TDPO2 on "reverse".
+"""Study 8: on-policy rounds (`tether iterate`) with DPO, H-DPO (alpha 0.8 and 1.2) and TDPO2 on "reverse".
 
 Each run is `tether iterate examples/iterate_toy.yaml` through its Python API (`load_iterate_config` +
 `iterate`, the code the CLI calls), from the shared reverse reference, with these overrides only:
