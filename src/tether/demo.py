@@ -10,7 +10,7 @@
    answers, policy entropy, sequential KL to the reference), write plots and a Markdown report.
 
 Nothing is downloaded. On 2 CPU cores the default run takes about 2-3 minutes (measured 98 s on an idle machine
-on 2026-12-02; 187 s on 2026-12-03 with the test suite running beside it) and `quick=True` under a minute.
+on 2026-12-02; 120 s on 2026-12-03, load average 0.5, after held-out evaluations were added) and `quick=True` under a minute.
 torch runs on one thread for the tiny model.
 
 `run_demo(model_path=FOLDER)` (`tether demo --model FOLDER`) runs the same pipeline on a pretrained chat model
