@@ -368,6 +368,44 @@ def pair_kl(model_dir: Path, task_name: str, pairs: Sequence[tuple[str, str, str
     return out[0], out[1]
 
 
+def score_pair_file(
+    model_dir: Path,
+    pairs_path: Path,
+    reference_dir: Path | None = None,
+    max_length: int = 192,
+    max_prompt_length: int = 96,
+) -> tuple[Any, Any]:
+    """`score_sequences` of a pretrained chat model on every pair of a preference JSONL file, tokenized by
+    `tether.data` exactly as training tokenizes it (chat template, limits of `tether.demo.pretrained_settings`).
+
+    Returns the ResponseStats of the chosen and of the rejected responses (with the sequential KLs against
+    reference_dir's model when given), in file order.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tether.data.load import load_preference_data
+    from tether.evaluate.likelihood import score_sequences
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset, _ = load_preference_data(
+        pairs_path, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, progress=False
+    )
+    items = [dataset[i] for i in range(len(dataset))]
+    prompts = [item.prompt_ids for item in items]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def load(folder: Path) -> Any:
+        return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+
+    policy = load(model_dir)
+    reference = load(reference_dir) if reference_dir is not None else None
+    with torch.no_grad():
+        return tuple(
+            score_sequences(policy, prompts, [getattr(item, side) for item in items], pad, reference)
+            for side in ("chosen_ids", "rejected_ids")
+        )
+
+
 def encode_pairs(task_name: str, pairs: Sequence[tuple[str, str, str]]) -> tuple[Any, list, list]:
     """(tokenizer, prompt ids, [chosen ids, rejected ids]) of `pairs` with the shared reference's tokenizer:
     the templated prompt, and each response's tokens plus <eos>, as in training."""
