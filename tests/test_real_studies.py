@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 sweep = pytest.importorskip("real_alpha_sweep")
 tdpo = pytest.importorskip("real_tdpo")
+eps = pytest.importorskip("real_epsilon_beta")
 report = pytest.importorskip("make_report")
 
 KS = (1, 2, 4, 8, 16, 32, 64)
@@ -153,3 +154,51 @@ def test_plots_draw_from_the_results(tmp_path, monkeypatch):
         f"{tdpo.NAME}.png"
     ]
     assert (tmp_path / f"{sweep.NAME}.png").stat().st_size > 10_000
+
+
+def _eps_results(pass1: dict[str, list[list[float]]]) -> dict:
+    """pass1: method -> per seed, pass@1 at each beta of eps.BETAS."""
+    seeds = range(len(pass1["dpo"]))
+    lever = {"beta/relaxed_frac": [0.0, 1.0], "beta/tightened_frac": [0.0, 0.0], "beta/base": [0.2, 0.19]}
+    per_seed = {}
+    for s in seeds:
+        rows = {"reference": _row(0.1, 1.5, 9.0, kl=0.0)}
+        for method, values in pass1.items():
+            rows |= {eps.run_name(method, b): _row(p, 0.3, 4.0) for b, p in zip(eps.BETAS, values[s])}
+        per_seed[str(s)] = {
+            "eval": rows,
+            "reference_here": rows["reference"],
+            "lever": {f"{b:g}": lever for b in eps.BETAS},
+        }
+    return {
+        "study": eps.NAME,
+        "task": "count",
+        "seeds": list(seeds),
+        "betas": list(eps.BETAS),
+        "methods": list(eps.METHODS),
+        "per_seed": per_seed,
+        "wall": {"total_s": 60.0, "stages_s": {"train": 60.0}},
+    }
+
+
+def test_epsilon_beta_claims_and_section():
+    """DPO: 0.4 / 0.6 / 0.3 over beta (best 0.6, range 0.3); epsilon-DPO: 0.5 / 0.55 / 0.5 (best 0.55, range
+    0.05): its best is lower (not held), its range smaller by 0.25 in every seed (held)."""
+    results = _eps_results({"dpo": [[0.4, 0.6, 0.3]] * 3, "epsilon_dpo": [[0.5, 0.55, 0.5]] * 3})
+    assert eps.run_name("dpo", 0.2) == "dpo" and eps.run_name("epsilon_dpo", 0.4) == "epsilon_dpo_b0.4"
+    claims = eps.claims(results)
+    assert [c["verdict"] for c in claims] == ["not held", "held"]
+    assert claims[0]["diffs"] == pytest.approx([-0.05] * 3)
+    assert claims[1]["diffs"] == pytest.approx([0.25] * 3)
+    text = "\n".join(report.section_real_epsilon_beta(results))
+    assert "| 0.4 | 0.50 ± 0.00 | 0.00 ± 0.00 | 0.190 ± 0.000 |" in text
+    assert "| dpo | 0.400 ± 0.000 | 0.600 ± 0.000 | 0.300 ± 0.000 | 0.600 ± 0.000 |" in text
+
+
+def test_epsilon_beta_settings_replace_only_beta():
+    from tether.demo import PRETRAINED, pretrained_settings
+
+    settings = eps._settings(0.4)
+    assert settings[-1] == "objective.beta=0.4"
+    assert [s for s in settings if s.startswith("objective.beta=")] == ["objective.beta=0.4"]
+    assert len(settings) == len(pretrained_settings(PRETRAINED))
