@@ -66,9 +66,7 @@ def run(model: Path) -> dict[str, Any]:
     timer = c.Timer()
     per_seed = {}
     for seed in SEEDS:
-        demo = real_demo_seeds.run_dir(seed)
-        if not (demo / "eval" / "eval.json").exists():
-            raise SystemExit(f"{demo} has no evaluation: run experiments/real_demo_seeds.py first")
+        demo = real_demo_seeds.trained_seed(seed)
         out = c.RUNS / NAME / f"seed{seed}"
         run_dir = out / "runs" / MODEL
         with timer.stage("train"):

@@ -31,7 +31,9 @@ summary.json already exists with the demo's sizes and task is read, not rerun, s
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,29 @@ def plot(results: dict[str, Any]) -> list[str]:
         ax.set_title(label, fontsize=9)
     fig.suptitle(f"SmolLM2-135M-Instruct, task count: bars = mean, dots = {len(results['seeds'])} seeds")
     return [c.save_figure(fig, NAME)]
+
+
+def trained_seed(seed: int) -> Path:
+    """Study 7's demo run of `seed` (pairs, trained policies, evaluation), for the studies that build on it."""
+    folder = run_dir(seed)
+    if not (folder / "eval" / "eval.json").exists():
+        raise SystemExit(f"{folder} has no evaluation: run experiments/real_demo_seeds.py first")
+    return folder
+
+
+def main_on_study_7(doc: str, run: Callable[[Path], dict[str, Any]], claims: Callable[[dict], list]) -> None:
+    """The command line of a SmolLM2 study built on study 7: --model, every core (as `tether demo --model`,
+    so that samples drawn with study 7's settings are study 7's), run, then each claim's verdict."""
+    import torch
+
+    model = model_from_args(doc.splitlines()[0])
+    c.setup()
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = run(model)
+    for claim in claims(results):
+        c.log(
+            f"{claim['claim']}: {claim['verdict']} (d = {', '.join(f'{d:.3f}' for d in claim.get('diffs', []))})"
+        )
 
 
 def model_from_args(description: str) -> Path:

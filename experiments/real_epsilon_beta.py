@@ -27,14 +27,12 @@ About 14 minutes per seed on 2 CPU cores (4 trainings, one evaluation of 5 model
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import common as c
 import numpy as np
 import real_demo_seeds
-import torch
 
 from tether.train import read_metrics
 
@@ -70,9 +68,7 @@ def run(model: Path) -> dict[str, Any]:
     timer = c.Timer()
     per_seed = {}
     for seed in SEEDS:
-        demo = real_demo_seeds.run_dir(seed)
-        if not (demo / "eval" / "eval.json").exists():
-            raise SystemExit(f"{demo} has no evaluation: run experiments/real_demo_seeds.py first")
+        demo = real_demo_seeds.trained_seed(seed)
         out = c.RUNS / NAME / f"seed{seed}"
         runs = {}
         for beta in BETAS:
@@ -179,14 +175,5 @@ def plot(results: dict[str, Any]) -> list[str]:
     return [c.save_figure(fig, NAME)]
 
 
-def main() -> None:
-    model = real_demo_seeds.model_from_args(__doc__.splitlines()[0])
-    c.setup()
-    torch.set_num_threads(os.cpu_count() or 1)  # as `tether demo --model`: the real model uses every core
-    results = run(model)
-    for claim in claims(results):
-        c.log(f"{claim['claim']}: {claim['verdict']}")
-
-
 if __name__ == "__main__":
-    main()
+    real_demo_seeds.main_on_study_7(__doc__, run, claims)

@@ -31,14 +31,12 @@ About 6 minutes per seed on 2 CPU cores (one training, one evaluation of 2 model
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import common as c
 import numpy as np
 import real_demo_seeds
-import torch
 
 NAME = "real_tdpo"
 TASK = real_demo_seeds.TASK
@@ -56,9 +54,7 @@ def run(model: Path) -> dict[str, Any]:
     timer = c.Timer()
     per_seed = {}
     for seed in SEEDS:
-        demo = real_demo_seeds.run_dir(seed)
-        if not (demo / "eval" / "eval.json").exists():
-            raise SystemExit(f"{demo} has no evaluation: run experiments/real_demo_seeds.py first")
+        demo = real_demo_seeds.trained_seed(seed)
         out = c.RUNS / NAME / f"seed{seed}"
         pairs = demo / "data" / "pairs.jsonl"
         runs = {name: demo / "runs" / name for name in REUSED}
@@ -196,14 +192,5 @@ def plot(results: dict[str, Any]) -> list[str]:
     return [c.save_figure(fig, NAME)]
 
 
-def main() -> None:
-    model = real_demo_seeds.model_from_args(__doc__.splitlines()[0])
-    c.setup()
-    torch.set_num_threads(os.cpu_count() or 1)  # as `tether demo --model`: the real model uses every core
-    results = run(model)
-    for claim in claims(results):
-        c.log(f"{claim['claim']}: {claim['verdict']}")
-
-
 if __name__ == "__main__":
-    main()
+    real_demo_seeds.main_on_study_7(__doc__, run, claims)
