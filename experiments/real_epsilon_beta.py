@@ -22,7 +22,8 @@ two more betas); claims:
 
     python experiments/real_epsilon_beta.py [--model FOLDER]   # after real_demo_seeds.py
 
-About 14 minutes per seed on 2 CPU cores (4 trainings, one evaluation of 5 models of 64 samples each).
+About 14 minutes per seed on 2 CPU cores (4 trainings, one evaluation of 5 models of 64 samples each); the
+results JSON is rewritten after every seed, so a stopped run reports the seeds it finished.
 """
 
 from __future__ import annotations
@@ -106,18 +107,19 @@ def run(model: Path) -> dict[str, Any]:
             "reference_here": evaluation["models"]["reference"]["temperatures"][TEMPERATURE],
             "lever": lever,
         }
-    results = {
-        "study": NAME,
-        "task": TASK,
-        "model": str(model),
-        "seeds": list(SEEDS),
-        "betas": list(BETAS),
-        "methods": list(METHODS),
-        "sizes": {"train_steps": PRETRAINED.train_steps, "batch_size": PRETRAINED.batch_size},
-        "per_seed": per_seed,
-        "wall": timer.as_dict(),
-    }
-    c.write_json(c.RESULTS / f"{NAME}.json", results)
+        # Written after every seed: a study stopped early still reports the seeds it finished.
+        results = {
+            "study": NAME,
+            "task": TASK,
+            "model": str(model),
+            "seeds": [int(s) for s in per_seed],
+            "betas": list(BETAS),
+            "methods": list(METHODS),
+            "sizes": {"train_steps": PRETRAINED.train_steps, "batch_size": PRETRAINED.batch_size},
+            "per_seed": per_seed,
+            "wall": timer.as_dict(),
+        }
+        c.write_json(c.RESULTS / f"{NAME}.json", results)
     return results
 
 
