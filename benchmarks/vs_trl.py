@@ -563,6 +563,20 @@ def _load1() -> float:
     return os.getloadavg()[0]
 
 
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment of every benchmark worker subprocess (here, gpu.py, memory_ceiling.py): this process's,
+    offline (nothing is downloaded), no tokenizer threads, no progress bars; `extra` set on top."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+        **extra,
+    }
+
+
 def run_one(run: RunSpec, cfg: BenchConfig, folder: Path, env: dict, log, keep: bool) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix=run.label.replace(" ", "_") + "_", dir=folder))
     spec = {
@@ -855,15 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/vs_trl.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:])
     )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TQDM_DISABLE": "1",
-    }
-    env.update(dict(item.split("=", 1) for item in args.omp_env))
+    env = worker_env(**dict(item.split("=", 1) for item in args.omp_env))
     folder = Path(args.keep or tempfile.mkdtemp(prefix="tether_vs_trl_"))
     folder.mkdir(parents=True, exist_ok=True)
 
