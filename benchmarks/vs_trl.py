@@ -462,12 +462,10 @@ def _run_tether(spec: dict, probe_box: list) -> dict:
     }
 
 
-def trl_args(spec: dict, **changes):
-    """TRL's DPOConfig for a run spec: the same schedule, loss and data order as tether's run; float32 on CPU
-    unless `changes` (DPOConfig fields) say otherwise."""
-    from trl import DPOConfig
-
-    fields = dict(
+def trl_fields(spec: dict) -> dict:
+    """TRL's DPOConfig arguments for a run spec: the same schedule, loss and data order as tether's run;
+    float32 on CPU (a TRL YAML of them is what tests/test_trl_config.py translates)."""
+    return dict(
         output_dir=str(Path(spec["workdir"]) / "out"),
         per_device_train_batch_size=spec["pairs_per_step"],
         gradient_accumulation_steps=1,
@@ -493,7 +491,13 @@ def trl_args(spec: dict, **changes):
         bf16=False,  # TRL's default is bf16 autocast; both libraries run float32 here
         fp16=False,
     )
-    return DPOConfig(**{**fields, **changes})
+
+
+def trl_args(spec: dict, **changes):
+    """TRL's DPOConfig of `trl_fields(spec)`, with `changes` (DPOConfig fields) on top."""
+    from trl import DPOConfig
+
+    return DPOConfig(**{**trl_fields(spec), **changes})
 
 
 def _run_trl(spec: dict, probe_box: list) -> dict:
