@@ -34,7 +34,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -293,14 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t0 + (args.budget_s if args.budget_s is not None else (1e9 if dry else 420.0))
     cfg = DRY_CONFIG if dry else GPU_CONFIG
     lengths = DRY_SWEEP if dry else GPU_SWEEP
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TQDM_DISABLE": "1",
-    }
+    env = vs_trl.worker_env()
     if dry:  # the CPU, one thread per worker: toy matmuls gain nothing from more and the test shares cores
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", GOMP_SPINCOUNT="1000")
     elif not _cuda():

@@ -543,15 +543,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.save = save
         args.deadline = time.time() + 60 * args.budget_min if args.budget_min else float("inf")
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "TQDM_DISABLE": "1",
-            "GOMP_SPINCOUNT": "1000",
-        }
+        env = vs_trl.worker_env(GOMP_SPINCOUNT="1000")
         if args.threads is not None:
             env["OMP_NUM_THREADS"] = str(args.threads)
 

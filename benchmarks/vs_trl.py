@@ -462,12 +462,10 @@ def _run_tether(spec: dict, probe_box: list) -> dict:
     }
 
 
-def trl_args(spec: dict, **changes):
-    """TRL's DPOConfig for a run spec: the same schedule, loss and data order as tether's run; float32 on CPU
-    unless `changes` (DPOConfig fields) say otherwise."""
-    from trl import DPOConfig
-
-    fields = dict(
+def trl_fields(spec: dict) -> dict:
+    """TRL's DPOConfig arguments for a run spec: the same schedule, loss and data order as tether's run;
+    float32 on CPU (a TRL YAML of them is what tests/test_trl_config.py translates)."""
+    return dict(
         output_dir=str(Path(spec["workdir"]) / "out"),
         per_device_train_batch_size=spec["pairs_per_step"],
         gradient_accumulation_steps=1,
@@ -493,7 +491,13 @@ def trl_args(spec: dict, **changes):
         bf16=False,  # TRL's default is bf16 autocast; both libraries run float32 here
         fp16=False,
     )
-    return DPOConfig(**{**fields, **changes})
+
+
+def trl_args(spec: dict, **changes):
+    """TRL's DPOConfig of `trl_fields(spec)`, with `changes` (DPOConfig fields) on top."""
+    from trl import DPOConfig
+
+    return DPOConfig(**{**trl_fields(spec), **changes})
 
 
 def _run_trl(spec: dict, probe_box: list) -> dict:
@@ -561,6 +565,20 @@ def worker(spec: dict) -> None:
 
 def _load1() -> float:
     return os.getloadavg()[0]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment of every benchmark worker subprocess (here, gpu.py, memory_ceiling.py): this process's,
+    offline (nothing is downloaded), no tokenizer threads, no progress bars; `extra` set on top."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+        **extra,
+    }
 
 
 def run_one(run: RunSpec, cfg: BenchConfig, folder: Path, env: dict, log, keep: bool) -> dict:
@@ -855,15 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/vs_trl.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:])
     )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TQDM_DISABLE": "1",
-    }
-    env.update(dict(item.split("=", 1) for item in args.omp_env))
+    env = worker_env(**dict(item.split("=", 1) for item in args.omp_env))
     folder = Path(args.keep or tempfile.mkdtemp(prefix="tether_vs_trl_"))
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -21,32 +21,24 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# The DPOConfig arguments of benchmarks/vs_trl.py (its _run_trl), as a TRL YAML would hold them.
-BENCHMARK_ARGS = dict(
-    output_dir="out",
-    per_device_train_batch_size=4,
-    gradient_accumulation_steps=1,
-    learning_rate=1e-6,
-    lr_scheduler_type="constant",
-    warmup_steps=0,
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-    max_steps=6,
-    beta=0.1,
-    loss_type=["sigmoid"],
-    max_length=256,
-    precompute_ref_log_probs=True,
-    gradient_checkpointing=False,
-    train_sampling_strategy="sequential",
-    seed=0,
-    logging_steps=1,
-    save_strategy="no",
-    report_to="none",
-    disable_tqdm=True,
-    dataloader_num_workers=0,
-    use_cpu=True,
-    bf16=False,
-    fp16=False,
+sys.path.insert(0, str(SRC.parent / "benchmarks"))
+
+import vs_trl  # noqa: E402  (benchmarks/ is not a package)
+
+# The DPOConfig arguments benchmarks/vs_trl.py gives TRL (its trl_fields) for a run of these settings, as a TRL
+# YAML would hold them.
+BENCHMARK_ARGS = vs_trl.trl_fields(
+    {
+        "workdir": "",
+        "pairs_per_step": 4,
+        "lr": 1e-6,
+        "steps": 6,
+        "beta": 0.1,
+        "max_length": 256,
+        "ref": "cache",
+        "gc": False,
+        "seed": 0,
+    }
 )
 
 

@@ -260,6 +260,18 @@ def _logratio_margin(stats: PairStats, alpha: float = 1.0) -> torch.Tensor:
     )
 
 
+def _rewards(
+    stats: PairStats, beta: float | torch.Tensor, alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit rewards (chosen, rejected) = beta * (a*pw - rw), beta * (a*pl - rl), detached: (B,) each.
+
+    beta: a number, or per pair (B,) for epsilon-DPO; alpha = 1 gives DPO's beta * (pw - rw).
+    """
+    chosen = beta * (alpha * stats.policy_chosen_logps - stats.ref_chosen_logps).detach()
+    rejected = beta * (alpha * stats.policy_rejected_logps - stats.ref_rejected_logps).detach()
+    return chosen, rejected
+
+
 class DPO(Objective):
     """DPO (Rafailov et al. 2023, eq. 7): loss = -log sigma(beta * [(pw - rw) - (pl - rl)])."""
 
@@ -270,11 +282,7 @@ class DPO(Objective):
 
     def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         h = self.beta * _logratio_margin(stats)
-        out = ObjectiveOutput(
-            losses=-F.logsigmoid(h),
-            chosen_rewards=self.beta * (stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
-            rejected_rewards=self.beta * (stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
-        )
+        out = ObjectiveOutput(-F.logsigmoid(h), *_rewards(stats, self.beta))
         return _metrics(out, stats)
 
 
@@ -296,11 +304,7 @@ class ConservativeDPO(Objective):
     def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
         h = self.beta * _logratio_margin(stats)
         e = self.label_smoothing
-        out = ObjectiveOutput(
-            losses=-(1 - e) * F.logsigmoid(h) - e * F.logsigmoid(-h),
-            chosen_rewards=self.beta * (stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
-            rejected_rewards=self.beta * (stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
-        )
+        out = ObjectiveOutput(-(1 - e) * F.logsigmoid(h) - e * F.logsigmoid(-h), *_rewards(stats, self.beta))
         return _metrics(out, stats)
 
 
@@ -329,11 +333,7 @@ class IPO(Objective):
             chosen = chosen / _stat(stats, "chosen_lengths", self.name).clamp(min=1)
             rejected = rejected / _stat(stats, "rejected_lengths", self.name).clamp(min=1)
         q = chosen - rejected
-        out = ObjectiveOutput(
-            losses=(q - 1 / (2 * self.beta)) ** 2,
-            chosen_rewards=self.beta * (stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
-            rejected_rewards=self.beta * (stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
-        )
+        out = ObjectiveOutput((q - 1 / (2 * self.beta)) ** 2, *_rewards(stats, self.beta))
         return _metrics(out, stats)
 
 
@@ -518,14 +518,8 @@ class HDPO(_EntropyTarget, Objective):
         self._init_target(entropy_target, entropy_target_fraction, alpha_lr, alpha_min, alpha_max)
 
     def pair_loss(self, stats: PairStats) -> ObjectiveOutput:
-        a = self.alpha
-        h = self.beta * _logratio_margin(stats, a)
-        out = ObjectiveOutput(
-            losses=-F.logsigmoid(h),
-            chosen_rewards=self.beta * (a * stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
-            rejected_rewards=self.beta
-            * (a * stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
-        )
+        h = self.beta * _logratio_margin(stats, self.alpha)
+        out = ObjectiveOutput(-F.logsigmoid(h), *_rewards(stats, self.beta, self.alpha))
         return _metrics(self._alpha_metrics(out), stats)
 
 
@@ -581,10 +575,7 @@ class EpsilonDPO(_EntropyTarget, Objective):
         beta_i = self.beta / (1 + self.epsilon * s)
         a = self.entropy_alpha
         out = ObjectiveOutput(
-            losses=-F.logsigmoid(beta_i * _logratio_margin(stats, a)),
-            chosen_rewards=beta_i * (a * stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
-            rejected_rewards=beta_i * (a * stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
-            beta_steps=s,
+            -F.logsigmoid(beta_i * _logratio_margin(stats, a)), *_rewards(stats, beta_i, a), beta_steps=s
         )
         out.metrics["beta/mean"] = beta_i.mean()
         out.metrics["beta/base"] = torch.tensor(self.beta, dtype=beta_i.dtype)
@@ -632,13 +623,7 @@ class _TDPOBase(_EntropyTarget, Objective):
         return u, kl_w, kl_l
 
     def _finish(self, losses: torch.Tensor, stats: PairStats, kl_w, kl_l) -> ObjectiveOutput:
-        a = self.entropy_alpha
-        out = ObjectiveOutput(
-            losses=losses,
-            chosen_rewards=self.beta * (a * stats.policy_chosen_logps - stats.ref_chosen_logps).detach(),
-            rejected_rewards=self.beta
-            * (a * stats.policy_rejected_logps - stats.ref_rejected_logps).detach(),
-        )
+        out = ObjectiveOutput(losses, *_rewards(stats, self.beta, self.entropy_alpha))
         out.metrics["kl/seq_chosen"] = kl_w.detach().mean()
         out.metrics["kl/seq_rejected"] = kl_l.detach().mean()
         return _metrics(self._alpha_metrics(out), stats)

@@ -476,7 +476,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 def _train(config: TrainConfig, resume: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
-    from tether.data import PreferenceCollator, load_preference_data
+    from tether.data import PreferenceCollator
 
     # --- setup: checks first, then data, policy and reference, optimizer, resumed state
     config.validate(check_paths=True)
@@ -489,16 +489,14 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     start = _resume_point(config, resume, fingerprint, main)  # before anything heavy is loaded
 
     tokenizer = load_tokenizer(config.model)
-    dataset, report = load_preference_data(
-        config.data.train,
+    dataset, report = _read_pairs(
+        config,
         tokenizer,
-        max_length=config.data.max_length,
-        max_prompt_length=config.data.max_prompt_length,
-        on_bad_row=config.data.on_bad_row,
+        main,
+        config.data.train,
         split=config.data.split,
         subset=config.data.subset,
         revision=config.data.revision,
-        progress=config.logging.progress and main,
     )
     global_batch = config.optim.batch_size * config.optim.grad_accum * accelerator.num_processes
     total_steps = config.optim.max_steps or math.ceil(len(dataset) / global_batch) * config.optim.epochs
@@ -722,6 +720,32 @@ def _resume_point(config: TrainConfig, resume: bool, fingerprint: dict[str, Any]
                 f"[tether] --resume with changes: {_changes(start.changed, newest['fingerprint'], fingerprint)}"
             )
     return start
+
+
+def _read_pairs(
+    config: TrainConfig,
+    tokenizer,
+    main: bool,
+    source: str,
+    split: str,
+    subset: str | None = None,
+    revision: str | None = None,
+):
+    """`load_preference_data` of `source` with data's truncation and bad-row policy, a progress bar on the
+    main process: (dataset, report). data.train and eval.data are both read with it."""
+    from tether.data import load_preference_data
+
+    return load_preference_data(
+        source,
+        tokenizer,
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length,
+        on_bad_row=config.data.on_bad_row,
+        split=split,
+        subset=subset,
+        revision=revision,
+        progress=config.logging.progress and main,
+    )
 
 
 def _check_resume_length(
@@ -1048,19 +1072,9 @@ def _reduce_metrics(accelerator, sums: _StepSums) -> tuple[dict[str, float], int
 
 
 def _load_eval_data(config: TrainConfig, tokenizer, main: bool):
-    """The held-out pairs of eval.data, read as data.train is (same loaders, truncation and bad-row policy);
-    their report is printed and written to eval_data_report.json."""
-    from tether.data import load_preference_data
-
-    dataset, report = load_preference_data(
-        config.eval.data,
-        tokenizer,
-        max_length=config.data.max_length,
-        max_prompt_length=config.data.max_prompt_length,
-        on_bad_row=config.data.on_bad_row,
-        split=config.eval.split,
-        progress=config.logging.progress and main,
-    )
+    """The held-out pairs of eval.data, read as data.train is (`_read_pairs`); their report is printed and
+    written to eval_data_report.json."""
+    dataset, report = _read_pairs(config, tokenizer, main, config.eval.data, split=config.eval.split)
     if main:
         print(report.format_table())
         report.write_json(Path(config.output_dir) / "eval_data_report.json")
