@@ -864,7 +864,7 @@ def section_real_tdpo(results: dict[str, Any]) -> list[str]:
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items())
         + ".",
         "",
-        *table(["model", *keys[:3], "KL(ref||pi) own samples", "D_chosen", "D_rejected"], rows),
+        *table(["model", *keys[:3], "KL(ref‖pi) own samples", "D_chosen", "D_rejected"], rows),
         "",
         *claim_lines(m.claims(results)),
     ]
