@@ -130,8 +130,9 @@ def test_tdpo_claims_follow_the_per_seed_numbers():
     assert claims[3]["diffs"] == pytest.approx([0.0] * 3)
 
 
-def test_report_sections_render_from_the_results():
+def test_report_sections_render_from_the_results(tmp_path, monkeypatch):
     """The REPORT.md sections are built from the JSON alone (a formatting error shows here, not after a run)."""
+    monkeypatch.setattr(sys.modules["common"], "RESULTS", tmp_path)  # no other study's results
     temps = [{"0.25": 0.65, "0.5": 0.72, "0.75": 0.70}] * 3
     lines = report.section_real_alpha_sweep(_sweep_results([_sweep_seed(j) for j in range(3)], temps))
     text = "\n".join(lines)
@@ -202,3 +203,30 @@ def test_epsilon_beta_settings_replace_only_beta():
     assert settings[-1] == "objective.beta=0.4"
     assert [s for s in settings if s.startswith("objective.beta=")] == ["objective.beta=0.4"]
     assert len(settings) == len(pretrained_settings(PRETRAINED))
+
+
+def test_alpha_curve_gap_interpolates_the_h_dpo_points(tmp_path, monkeypatch):
+    """H-DPO points (KL, pass@1): alpha 1.2 (2, 0.3), 1.1 (4, 0.4), 1.0 (6, 0.5), 0.9 (8, 0.6), 0.8 (10, 0.7).
+    TDPO2 at KL 5 with pass@1 0.6 lies 0.15 above the curve's 0.45 there; TDPO1 at KL 12 is outside it."""
+    common = sys.modules["common"]
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    kl = {0.8: 10.0, 0.9: 8.0, 1.0: 6.0, 1.1: 4.0}
+    sweep_rows = {sweep.model_name(a): _row(0.5 + (1.0 - a), 0.3, 4.0, kl=k) for a, k in kl.items()}
+    common.write_json(
+        tmp_path / "real_alpha_sweep.json", {"alphas": list(kl), "per_seed": {"0": {"eval": sweep_rows}}}
+    )
+    common.write_json(
+        tmp_path / "real_demo_seeds.json",
+        {"per_seed": {"0": {"eval": {"hdpo_a1.2": _row(0.3, 0.5, 6.0, kl=2.0)}}}},
+    )
+    rows = {
+        "dpo": _row(0.5, 0.3, 4.0, kl=6.0),
+        "tdpo1": _row(0.7, 0.3, 4.0, kl=12.0),
+        "tdpo2": _row(0.6, 0.3, 4.0, kl=5.0),
+    }
+    results = {"seeds": [0], "per_seed": {"0": {"eval": rows}}}
+    assert report.alpha_curve_gap(results, "tdpo2") == pytest.approx([0.15])
+    assert report.alpha_curve_gap(results, "dpo") == pytest.approx([0.0])
+    assert report.alpha_curve_gap(results, "tdpo1") == [None]
+    text = "\n".join(report.frontier_lines({**results, "per_seed": {"0": {"eval": rows}}}))
+    assert "tdpo2 +0.150" in text and "tdpo1 outside" in text
