@@ -832,6 +832,14 @@ def section_real_alpha_sweep(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def reference_as_in_study_7(results: dict[str, Any]) -> bool:
+    """Whether the reference's samples a study drew again ("reference_here") gave study 7's numbers in every seed."""
+    return all(
+        p["reference_here"]["pass@k"] == p["eval"]["reference"]["pass@k"]
+        for p in results["per_seed"].values()
+    )
+
+
 def alpha_curve_gap(tdpo: dict[str, Any], name: str) -> list[float] | None:
     """Per seed, pass@1 of `name` minus the H-DPO curve's pass@1 at the same KL(ref‖pi) (own samples, T=1).
 
@@ -867,11 +875,7 @@ def section_real_tdpo(results: dict[str, Any]) -> list[str]:
         else:
             cells += [mean_std(m.pair_kl(results, name, side).tolist(), 2) for side in ("chosen", "rejected")]
         rows.append([name, *cells])
-    same = all(
-        results["per_seed"][str(s)]["reference_here"]["pass@k"]
-        == results["per_seed"][str(s)]["eval"]["reference"]["pass@k"]
-        for s in seeds
-    )
+    same = reference_as_in_study_7(results)
     stages = results["wall"]["stages_s"]
     return [
         "## 12. TDPO1 and TDPO2 against DPO on the real model: SmolLM2-135M-Instruct",
@@ -935,11 +939,7 @@ def section_real_epsilon_beta(results: dict[str, Any]) -> list[str]:
                 mean_std([x["beta/base"][-1] for x in per]),
             ]
         )
-    same = all(
-        results["per_seed"][str(s)]["reference_here"]["pass@k"]
-        == results["per_seed"][str(s)]["eval"]["reference"]["pass@k"]
-        for s in seeds
-    )
+    same = reference_as_in_study_7(results)
     stages = results["wall"]["stages_s"]
     return [
         "## 13. epsilon-DPO against DPO across beta on the real model: SmolLM2-135M-Instruct",
