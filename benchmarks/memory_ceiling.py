@@ -33,6 +33,16 @@ the point. A configuration whose sweep was cut by time gets its longer lengths p
 line through its last two measured points, marked as predicted (~) in the table and dotted in the plot;
 the targets use measured points only.
 
+A larger vocabulary (`--vocab 128256`: Llama 3's; Qwen2.5 has 151,936 and Gemma 256,000) keeps the body and
+changes only the vocabulary, with its own JSON, plot and RESULTS.md section:
+
+    python benchmarks/memory_ceiling.py --vocab 128256 --lengths 512 1024 2048 4096 8192 16384 --write-results
+
+Why, decided before it ran: what this benchmark compares is the full (2, L, V) logits against tether's chunked
+head, and at V = 32000 no configuration reached the 20 GB ceiling by L = 8192 on this 23 GB machine, so that
+sweep cannot say how much longer tether fits; vocabularies of 128k-256k are what current models bring. Its
+model has 156.6M parameters (embedding and untied head 65.7M each) and the same 8 layers of width 512.
+
 Why the 58M model and not SmolLM2-135M's shape: a step at 8k tokens per row costs about 14 TFLOP on the 58M
 model and 54 TFLOP on SmolLM2's (30 layers, plus attention that grows with L), 2 to 4 CPU-hours for the
 whole sweep on this machine's 2 shared cores instead of under one; the memory behaviour being compared (full
@@ -500,8 +510,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch threads per worker (default torch's; memory: no effect)",
     )
-    parser.add_argument("--json", default=str(HERE / "figures" / "memory_ceiling.json"), help="results file")
-    parser.add_argument("--plot", default=str(HERE / "figures" / "memory_ceiling.png"), help="figure file")
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=vs_trl.DEFAULT.vocab,
+        help="the model's vocabulary (default 32000; e.g. 128256, Llama 3's): its own JSON, plot and section",
+    )
+    parser.add_argument(
+        "--json", default=None, help="results file (default figures/memory_ceiling[_vocabN].json)"
+    )
+    parser.add_argument(
+        "--plot", default=None, help="figure file (default figures/memory_ceiling[_vocabN].png)"
+    )
     parser.add_argument("--resume", action="store_true", help="keep the points already in --json")
     parser.add_argument("--report-only", action="store_true", help="no runs: report from --json")
     parser.add_argument("--write-results", action="store_true", help="rewrite its section of RESULTS.md")
@@ -510,14 +530,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-assets", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--max-length", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    base = SMALL if args.small else replace(vs_trl.DEFAULT, vocab=args.vocab)
+    stem = "memory_ceiling" if args.vocab == vs_trl.DEFAULT.vocab else f"memory_ceiling_vocab{args.vocab}"
+    args.json = args.json or str(HERE / "figures" / f"{stem}.json")
+    args.plot = args.plot or str(HERE / "figures" / f"{stem}.png")
+    section = "memory_ceiling" if args.vocab == vs_trl.DEFAULT.vocab else f"memory_ceiling:vocab{args.vocab}"
     if args.build_assets:
-        bench = SMALL if args.small else vs_trl.DEFAULT
-        cfg = replace(bench, max_length=args.max_length, warmup=1, timed=0, pairs_per_step=1)
+        cfg = replace(base, max_length=args.max_length, warmup=1, timed=0, pairs_per_step=1)
         vs_trl.build_assets(cfg, Path(args.build_assets))
         return 0
 
     json_path = Path(args.json)
-    bench = SMALL if args.small else vs_trl.DEFAULT
+    bench = base
     lengths = tuple(args.lengths or (SMALL_LENGTHS if args.small else LENGTHS))
     configs = [c for c in CONFIGS if args.only is None or c.label in args.only]
     if args.only is not None and len(configs) != len(args.only):
@@ -561,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(folder),
                 "--max-length",
                 str(max(lengths)),
+                "--vocab",
+                str(args.vocab),
             ]
             subprocess.run(build + (["--small"] if args.small else []), env=env, check=True)
             for i, length in enumerate(lengths):
@@ -603,12 +629,13 @@ def main(argv: list[str] | None = None) -> int:
             plot_ref = Path(args.plot).resolve().relative_to(HERE)
         except ValueError:
             plot_ref = Path(args.plot)
+        flag = "" if section == "memory_ceiling" else f" --vocab {args.vocab}"
         body = [
-            "## Memory ceiling",
+            "## Memory ceiling" + ("" if not flag else f": vocabulary {args.vocab}"),
             "",
-            "Written by `benchmarks/memory_ceiling.py --write-results`; every number in this section is the script's"
-            " output (its points are kept in benchmarks/figures/memory_ceiling.json). Method: the script's docstring"
-            " and benchmarks/README.md.",
+            f"Written by `benchmarks/memory_ceiling.py{flag} --write-results`; every number in this section is the"
+            f" script's output (its points are kept in benchmarks/figures/{Path(args.json).name}). Method: the"
+            " script's docstring and benchmarks/README.md.",
             "",
             f"- runs: {runs}",
             f"- machine: {os.cpu_count()} CPUs (nproc), {vs_trl.cpu_model()}, {platform.machine()}, {platform.system()}",
@@ -618,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             text,
             "```",
         ]
-        results_md.write_section(Path(args.results_file), "memory_ceiling", "\n".join(body))
+        results_md.write_section(Path(args.results_file), section, "\n".join(body))
         print(f"[memory_ceiling] wrote its section of {args.results_file}", file=sys.stderr)
     return 0
 

@@ -3,6 +3,7 @@
     python benchmarks/vs_trl.py                    # default config (about 15 minutes on 2 idle cores)
     python benchmarks/vs_trl.py --quick            # a smaller model and data (about 2 minutes)
     python benchmarks/vs_trl.py --write-results    # also write benchmarks/RESULTS.md
+    python benchmarks/vs_trl.py --repeats 3        # every run 3 times: medians and the spread between runs
 
 What runs. The script builds a Llama-architecture model from a config with a fixed seed (default: hidden
 512, 8 layers, 8 heads, intermediate 1376, vocabulary 32000, untied head: 58.1M parameters) and saves it to a
@@ -24,8 +25,9 @@ Same work everywhere: AdamW (lr 5e-5, betas 0.9/0.999, eps 1e-8, no weight decay
 warm-up, gradient clipping at norm 1.0, beta 0.1, 4 pairs per optimizer step, no gradient accumulation,
 float32 on CPU, dropout off, data in file order (tether data.shuffle=false, TRL
 train_sampling_strategy=sequential). TRL uses its default optimizer (adamw_torch_fused, the same AdamW update
-from one fused kernel); tether uses torch.optim.AdamW. The losses at steps 1-3 must agree to 1e-4 relative
-between the two libraries (and between tether's chunked and full-logits paths); the script checks it.
+from one fused kernel); tether uses torch.optim.AdamW, fused too (one process). The losses at steps 1-3 must
+agree to 1e-4 relative between the two libraries (and between tether's chunked and full-logits paths); the
+script checks it.
 
 How it measures, inside each subprocess:
   - Step time: `torch.optim.optimizer.register_optimizer_step_post_hook` records time.perf_counter() (and
@@ -70,6 +72,7 @@ import platform
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -645,6 +648,67 @@ def summarize(run: RunSpec, res: dict, cfg: BenchConfig, counts: dict) -> dict:
     }
 
 
+def median_summary(summaries: list[dict]) -> dict:
+    """One summary from several runs of the same configuration: each number the median over the runs (the
+    losses are the same in every run, the first run's are kept)."""
+    out = dict(summaries[0])
+    for key, value in summaries[0].items():
+        if isinstance(value, (int, float)):
+            out[key] = statistics.median(s[key] for s in summaries)
+    return out
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """'median [min-max]' of the values, each formatted with `fmt`."""
+    med = statistics.median(values)
+    return f"{med:{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def spread_lines(per_run: list[dict]) -> list[str]:
+    """The run-to-run spread of a --repeats report: per configuration the median and range over the runs of
+    tok/s, MFU and cpu s/step; per tether/TRL pair and token-level objective, the ratio taken within each
+    run (side by side), listed per run."""
+    out = [f"spread over {len(per_run)} runs (each run: every configuration once, in the order above):"]
+    labels = list(per_run[0])
+    for label in labels:
+        rows = [run[label] for run in per_run]
+        out.append(
+            f"  {label:<24} tok/s {_spread([r['tok_s'] for r in rows], '.1f')}"
+            f"  MFU {_spread([100 * r['mfu'] for r in rows], '.0f')}%"
+            f"  cpu s/step {_spread([r['cpu_step_s'] for r in rows], '.2f')}"
+            f"  mm peak {_spread([r['peak_gflops'] for r in rows], '.0f')} GFLOP/s"
+        )
+    ratios = [(a, b, "tok_s") for a, b in TETHER_TRL_PAIRS] + [
+        (f"tether {obj}", "tether dpo", "step_s") for obj in ("tdpo2", "epsilon_dpo")
+    ]
+    for a, b, key in ratios:
+        if a in labels and b in labels:
+            each = [run[a][key] / run[b][key] for run in per_run]
+            what = "tok/s" if key == "tok_s" else "s/step"
+            out.append(
+                f"  {a} / {b}: {what} x{statistics.median(each):.2f} (per run:"
+                f" {', '.join(f'x{x:.2f}' for x in each)})"
+            )
+    return out
+
+
+def work_ratio_line(cfg: BenchConfig, counts: dict) -> str:
+    """The matmul work of the timed steps, TRL / tether: TRL applies every nn.Linear, lm_head included, to
+    every position of its padded batch; tether the body's to the real tokens only and lm_head to the response
+    tokens only. The tok/s ratio the two would reach at equal matmul efficiency (attention scores and the
+    element-wise work aside)."""
+    w = cfg.warmup
+    head = cfg.vocab * cfg.hidden
+    body = cfg.n_matmul() - head
+    trl = sum(counts["padded_tokens"][w:]) * cfg.n_matmul()
+    tether = sum(counts["real_tokens"][w:]) * body + sum(counts["response_tokens"][w:]) * head
+    return (
+        f"matmul work of the timed steps, TRL / tether: x{trl / tether:.2f} (TRL: every nn.Linear at every padded"
+        " position; tether: the body at real tokens, lm_head at response tokens; the tok/s ratio at equal"
+        " matmul speed)"
+    )
+
+
 def check_tokens(run: RunSpec, res: dict, counts: dict) -> None:
     """Same pairs in the same order: per-step token counts must equal those derived from the data."""
     if res["response_tokens"] != counts["response_tokens"]:
@@ -659,7 +723,20 @@ def rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
 
-def report(cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args) -> str:
+TETHER_TRL_PAIRS = (  # same reference mode and checkpointing
+    ("tether dpo", "trl dpo"),
+    ("tether dpo cache", "trl dpo precompute"),
+    ("tether dpo +gc", "trl dpo +gc"),
+    ("tether dpo cache +gc", "trl dpo precompute +gc"),
+)
+MFU_TARGET = 0.6  # of the measured matmul peak (issue 16: the median of 3 runs on the default config)
+
+
+def report(
+    cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args, per_run: list[dict] | None = None
+) -> str:
+    """The report of one run (`rows`), or of several (`per_run`: each run's summaries by label; `rows` then
+    holds their medians, and the spread between runs is printed)."""
     out = []
     p = out.append
     p(f"tether vs TRL DPOTrainer on CPU ({args.config_name} config)")
@@ -685,6 +762,10 @@ def report(cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args) -> 
         f"steps: {cfg.warmup} warm-up + {cfg.timed} timed per run; AdamW lr {cfg.lr}, constant, clip 1.0, beta"
         f" {cfg.beta}, float32; torch threads {any_row['threads']}, OpenMP env {' '.join(args.omp_env) or 'unchanged'}"
     )
+    if per_run:
+        p(
+            f"every configuration ran {len(per_run)} times; each number in the table is the median over the runs"
+        )
     p("")
     head = (
         f"{'run':<25}{'real tok/s':>11}{'s/step':>8}{'cpu s/step':>11}{'MFU':>6}{'mm peak':>8}"
@@ -734,13 +815,11 @@ def report(cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args) -> 
         return rows[label]["summary"] if label in rows else None
 
     checks = []
+    if per_run:
+        out.extend(spread_lines(per_run))
+        p("")
     p("tether / TRL, same settings (>1 = tether more tokens/s; <1 = tether less memory):")
-    pairs = [
-        ("tether dpo", "trl dpo"),
-        ("tether dpo cache", "trl dpo precompute"),
-        ("tether dpo +gc", "trl dpo +gc"),
-        ("tether dpo cache +gc", "trl dpo precompute +gc"),
-    ]
+    pairs = TETHER_TRL_PAIRS
     for a, b in pairs:
         if s(a) and s(b):
             d = rel_diff(s(a)["losses"], s(b)["losses"])
@@ -750,6 +829,8 @@ def report(cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args) -> 
                 f" x{s(a)['cpu_step_s'] / s(b)['cpu_step_s']:.2f}  peak RSS x{s(a)['peak_rss_mb'] / s(b)['peak_rss_mb']:.2f}"
                 f"  act.peak x{s(a)['act_peak_mb'] / s(b)['act_peak_mb']:.2f}  loss rel.diff {d:.1e}"
             )
+    if s("tether dpo") and s("trl dpo"):
+        p(f"  {work_ratio_line(cfg, counts)}")
     targets = []
     tether_dpo = [k for k in rows if k.startswith("tether dpo")]
     trl_dpo = [k for k in rows if k.startswith("trl dpo")]
@@ -766,8 +847,12 @@ def report(cfg: BenchConfig, rows: dict, versions: dict, counts: dict, args) -> 
                 r = s(a)["peak_rss_mb"] / s(b)["peak_rss_mb"]
                 targets.append((f"peak RSS <= 0.6x TRL's ({a} / {b}: x{r:.2f})", r <= 0.6))
         for k in tether_dpo:
+            what = f"median of {len(per_run)} runs " if per_run else ""
             targets.append(
-                (f"MFU >= 50% of the measured matmul peak ({k}: {s(k)['mfu']:.0%})", s(k)["mfu"] >= 0.5)
+                (
+                    f"MFU >= {MFU_TARGET:.0%} of the measured matmul peak ({k}: {what}{s(k)['mfu']:.0%})",
+                    s(k)["mfu"] >= MFU_TARGET,
+                )
             )
     base = s("tether dpo")
     if base and (s("tether tdpo2") or s("tether epsilon_dpo")):
@@ -849,6 +934,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-file", default=str(HERE / "RESULTS.md"), help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", default=None, help="run only these labels (see RUNS)")
     parser.add_argument("--no-gc", action="store_true", help="skip the gradient-checkpointing runs")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every configuration this many times (round robin); report medians and the spread",
+    )
     parser.add_argument("--keep", default=None, help="keep the model, data and run folders here")
     parser.add_argument(
         "--omp-env",
@@ -862,6 +953,8 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker))
         return 0
 
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.quick and args.config not in (None, "quick"):
         parser.error("--quick and --config other than quick")
     args.config_name = args.config or ("quick" if args.quick else "default")
@@ -884,13 +977,23 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     log(f"[vs_trl] assets in {folder}")
     counts = build_assets(cfg, folder)
-    rows = {}
-    for run in runs:
-        res = run_one(run, cfg, folder, env, log, keep=bool(args.keep))
-        check_tokens(run, res, counts)
-        rows[run.label] = {"spec": run, "raw": res, "summary": summarize(run, res, cfg, counts)}
-        rows[run.label]["threads"] = res["threads"]
-    text = report(cfg, rows, versions(), counts, args)
+    per_run = []  # each repeat's rows, by label
+    for repeat in range(args.repeats):
+        if args.repeats > 1:
+            log(f"[vs_trl] run {repeat + 1} of {args.repeats}")
+        rows = {}
+        for run in runs:
+            res = run_one(run, cfg, folder, env, log, keep=bool(args.keep))
+            check_tokens(run, res, counts)
+            rows[run.label] = {"spec": run, "raw": res, "summary": summarize(run, res, cfg, counts)}
+            rows[run.label]["threads"] = res["threads"]
+        per_run.append(rows)
+    if args.repeats > 1:
+        summaries = [{k: v["summary"] for k, v in rows.items()} for rows in per_run]
+        rows = {k: v | {"summary": median_summary([s[k] for s in summaries])} for k, v in per_run[0].items()}
+        text = report(cfg, rows, versions(), counts, args, per_run=summaries)
+    else:
+        text = report(cfg, rows, versions(), counts, args)
     total = time.perf_counter() - t0
     load_end = os.getloadavg()
     text += f"\n\ntotal wall time {total / 60:.1f} min; load average (1, 5, 15 min) at the start"
@@ -900,16 +1003,20 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.keep:
         (folder / "results.json").write_text(
-            json.dumps({k: v["raw"] | {"summary": v["summary"]} for k, v in rows.items()})
+            json.dumps(
+                [{k: v["raw"] | {"summary": v["summary"]} for k, v in rows.items()} for rows in per_run]
+            )
         )
     else:
         shutil.rmtree(folder, ignore_errors=True)
     if args.write_results:
         now = datetime.datetime.now().astimezone().strftime("%a %b %d %H:%M:%S %Z %Y")
+        runs_note = f", {args.repeats} runs" if args.repeats > 1 else ""
         body = [
-            f"## tether vs TRL DPOTrainer: {args.config_name} config",
+            f"## tether vs TRL DPOTrainer: {args.config_name} config{runs_note}",
             "",
-            f"Written by `benchmarks/vs_trl.py --config {args.config_name} --write-results`; every number in this"
+            f"Written by `benchmarks/vs_trl.py --config {args.config_name}"
+            f"{f' --repeats {args.repeats}' if args.repeats > 1 else ''} --write-results`; every number in this"
             " section is the script's output. See benchmarks/README.md for the method and the columns.",
             "",
             f"- date: {now}",
@@ -920,7 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
             text,
             "```",
         ]
-        results_md.write_section(Path(args.results_file), f"vs_trl:{args.config_name}", "\n".join(body))
+        section = f"vs_trl:{args.config_name}" + (f":x{args.repeats}" if args.repeats > 1 else "")
+        results_md.write_section(Path(args.results_file), section, "\n".join(body))
         log(f"[vs_trl] wrote its section of {args.results_file}")
     return 0
 

@@ -251,3 +251,32 @@ def test_memory_ceiling_small_run(tmp_path) -> None:
     assert (tmp_path / "m.png").stat().st_size > 1000
     text = results.read_text()
     assert text.startswith(OTHER_SECTIONS.rstrip() + "\n\n<!-- BEGIN memory_ceiling ")
+
+
+def test_repeats_report_medians_and_spread() -> None:
+    """--repeats: each number of the table is the median over the runs, and the spread block lists the
+    median [min-max] per configuration and each run's own tether/TRL ratio (taken within the run, not as a
+    ratio of medians)."""
+
+    def summary(tok_s: float, mfu: float) -> dict:
+        return {
+            "tok_s": tok_s,
+            "mfu": mfu,
+            "cpu_step_s": 1.0,
+            "peak_gflops": 100.0,
+            "step_s": 10.0 / tok_s,
+            "losses": [0.69, 0.68],
+        }
+
+    runs = [
+        {"tether dpo": summary(300.0, 0.50), "trl dpo": summary(100.0, 0.20)},
+        {"tether dpo": summary(200.0, 0.70), "trl dpo": summary(100.0, 0.20)},
+        {"tether dpo": summary(250.0, 0.65), "trl dpo": summary(50.0, 0.10)},
+    ]
+    med = vs_trl.median_summary([r["tether dpo"] for r in runs])
+    assert med["tok_s"] == 250.0 and med["mfu"] == 0.65 and med["losses"] == [0.69, 0.68]
+    lines = vs_trl.spread_lines(runs)
+    assert lines[0].startswith("spread over 3 runs")
+    assert "tok/s 250.0 [200.0-300.0]" in lines[1] and "MFU 65 [50-70]%" in lines[1]
+    # within-run ratios 3.0, 2.0, 5.0: median 3.0 (the ratio of the medians would be 250/100 = 2.5)
+    assert lines[3] == "  tether dpo / trl dpo: tok/s x3.00 (per run: x3.00, x2.00, x5.00)"

@@ -606,6 +606,32 @@ def test_engine_kind(kind, stage, expected):
     assert _engine(accelerator) == expected
 
 
+def test_fused_adamw_only_for_whole_plain_parameters():
+    """The plain engine (one process or DDP) steps CPU/CUDA float parameters with torch's fused AdamW kernel;
+    FSDP and DeepSpeed keep torch's default, and so does any parameter that is not a plain nn.Parameter or
+    whose dtype the kernel does not take. The fused update is the same AdamW: one step from the same state
+    agrees with the default implementation to float32 rounding."""
+    from tether.train import _fused_adamw
+
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    assert _fused_adamw([weight], "plain")
+    assert not _fused_adamw([weight], "fsdp") and not _fused_adamw([weight], "deepspeed")
+    assert not _fused_adamw([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))], "plain")
+    assert _fused_adamw([], "plain")
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 32))
+    b = torch.nn.Parameter(a.detach().clone())
+    opts = [torch.optim.AdamW([p], lr=1e-2, fused=f) for p, f in ((a, True), (b, None))]
+    for _ in range(3):
+        grad = torch.randn(64, 32)
+        for p, opt in zip((a, b), opts):
+            p.grad = grad.clone()
+            opt.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(a, torch.zeros_like(a))
+
+
 def _deepspeed_plugin(**entries):
     from types import SimpleNamespace
 

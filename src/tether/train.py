@@ -841,12 +841,14 @@ def _setup_optimizer(
     config: TrainConfig, accelerator, engine: str, policy: PolicyStatistics, total_steps: int
 ):
     """(the prepared model, AdamW, the learning-rate schedule); the schedule is checkpointed with the run."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
+        trainable,
         lr=config.optim.lr,
         betas=(config.optim.adam_beta1, config.optim.adam_beta2),
         eps=config.optim.adam_eps,
         weight_decay=config.optim.weight_decay,
+        fused=_fused_adamw(trainable, engine) or None,
     )
     scheduler = _scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(policy, optimizer)  # FSDP replaces the parameters
@@ -854,6 +856,20 @@ def _setup_optimizer(
         require_head_in_root_unit(model, accelerator.unwrap_model(model).causal_lm.get_output_embeddings())
     accelerator.register_for_checkpointing(scheduler)
     return model, optimizer, scheduler
+
+
+def _fused_adamw(params: list[torch.Tensor], engine: str) -> bool:
+    """Use torch's fused AdamW kernel (the same update in one kernel per device and dtype: on CPU the
+    per-parameter loop's sqrt/div/addcdiv passes were about 6% of a DPO step) when the parameters stay
+    whole, plain tensors on CPU or CUDA: the plain engine (one process or DDP). FSDP's and DeepSpeed's
+    parameters are theirs to manage, so they keep torch's default implementation."""
+    return engine == "plain" and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES and type(p) is torch.nn.Parameter
+        for p in params
+    )
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _reference_entropy(config: TrainConfig, accelerator, reference: Reference, dataset, collate) -> float:
