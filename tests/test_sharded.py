@@ -89,7 +89,8 @@ def _launch(port: int, tmp_path: Path, engine: str, config: Path, *extra: str) -
     kind = "fsdp" if engine.startswith("fsdp") else "deepspeed"
     proc = subprocess.run(
         [*launch, str(script), kind, "train", str(config), *extra],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # PYTHONFAULTHANDLER: a rank that aborts prints where its threads were
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
         capture_output=True,
         text=True,
         timeout=300,  # a collective one rank never joins fails here instead of blocking CI
