@@ -222,6 +222,39 @@ def test_hub_data_set_loads_from_the_cache(tmp_path, hub_cache, tiny_model_dir):
     assert hub.identity("org/prefs", None, "dataset") == f"hub:org/prefs@{COMMIT}"
 
 
+def test_training_evaluates_a_hub_data_sets_test_split(tmp_path, hub_cache, tiny_model_dir, config_dict):
+    """eval.data as TRL's dataset_test_split makes it: the training data set's id, its test split read at
+    data.subset and data.revision (here a tag whose commit differs from main's); a missing id names eval.data."""
+    readme = (
+        b"---\nconfigs:\n- config_name: hard\n  data_files:\n  - split: train\n    path: hard/train.jsonl\n"
+        b"  - split: test\n    path: hard/test.jsonl\n---\n"
+    )
+    files = {"README.md": readme, "hard/train.jsonl": rows(8, "h"), "hard/test.jsonl": rows(3, "t")}
+    lay_out(hub_cache, "dataset", "org/prefs", {**files, "hard/test.jsonl": rows(5, "t")}, COMMIT)
+    lay_out(hub_cache, "dataset", "org/prefs", files, OTHER, ref="v1")
+    raw = config_dict(
+        tiny_model_dir,
+        "org/prefs",
+        tmp_path / "run",
+        data={"subset": "hard", "revision": "v1"},
+        optim={"max_steps": 2, "batch_size": 4},
+        reference={"mode": "cache"},
+        eval={"data": "org/prefs", "split": "test", "at_end": True},
+    )
+    config = config_from_dict(raw)
+    config.validate(check_paths=True)
+    assert config.eval_source() == ("org/prefs", "hard", "v1")
+    result = train(config)
+    assert [r["eval_pairs"] for r in result.eval_history] == [3]  # v1's test split, not main's 5 rows
+    key = json.loads((tmp_path / "run" / "reference_cache_eval" / "meta.json").read_text())["key"]
+    assert (key["data"], key["data_subset"], key["split"]) == (f"hub:org/prefs@{OTHER}", "hard", "test")
+
+    other = config_from_dict({**raw, "eval": {"data": "org/held-out", "at_end": True}})
+    assert other.eval_source() == ("org/held-out", None, None)  # another data set: neither applies
+    with pytest.raises(ConfigError, match="^eval.data: .*org/held-out"):
+        other.validate(check_paths=True)
+
+
 def test_eval_loads_a_hub_model(hub_model, tiny_model_dir):
     from tether.evaluate.config import EvalConfig
     from tether.evaluate.runner import load_model

@@ -81,10 +81,11 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     data: str | None = (
-        None  # held-out pairs, read as data.train is (file or datasets folder; data.on_bad_row,
+        None  # held-out pairs, read as data.train is (file, datasets folder or Hub data set id;
     )
-    # data.max_length and data.max_prompt_length apply); null: no evaluation during training
-    split: str = "test"  # split to use when `eval.data` is a DatasetDict folder
+    # data.on_bad_row, data.max_length and data.max_prompt_length apply, and data.subset and data.revision
+    # when it names the same data set as data.train); null: no evaluation during training
+    split: str = "test"  # split to use when `eval.data` is a data set with splits (folder or Hub id)
     every: int = 0  # evaluate every N optimizer steps (0: not by step count)
     per_epoch: bool = False  # evaluate at the end of every epoch (TRL's eval_strategy: epoch)
     at_start: bool = False  # evaluate before the first step, as step 0 (TRL's eval_on_start)
@@ -353,8 +354,12 @@ class TrainConfig:
                     f"data.subset={self.data.subset!r} is read only when data.train is a folder or Hub data set;"
                     f" {self.data.train} is a file"
                 )
-            if self.eval.data is not None and not Path(self.eval.data).exists():
-                raise ConfigError(f"eval.data: {self.eval.data} does not exist")
+            if self.eval.data is not None:
+                data, _, revision = self.eval_source()
+                if hub.is_hub_id(data):
+                    _hub_snapshot("eval.data", data, revision, "dataset")
+                elif not Path(data).exists():
+                    raise ConfigError(f"eval.data: {data} does not exist")
 
     def _check_model_sources(self) -> None:
         """The model (or adapter and its base), tokenizer and reference exist, locally or in the Hub cache."""
@@ -440,6 +445,17 @@ class TrainConfig:
     def evaluates(self) -> bool:
         """True when the run evaluates held-out pairs during training (eval.data is set)."""
         return self.eval.data is not None
+
+    def eval_source(self) -> tuple[str, str | None, str | None]:
+        """(eval.data, subset, revision): a held-out split of the training data set (eval.data equal to
+        data.train, as TRL's dataset_test_split) is read at its subset and revision; other eval data at
+        neither (a Hub id at its main revision)."""
+        data = self.eval.data
+        if data is None:
+            raise ValueError("eval_source: eval.data is null")
+        if data == self.data.train:
+            return data, self.data.subset, self.data.revision
+        return data, None, None
 
     def build_objective(self):
         try:

@@ -368,9 +368,15 @@ def _make_reference(
     # cache: one pass with a frozen reference on the main process, then every process memory-maps it.
     folder = Path(config.output_dir) / ("reference_cache" if data_set == "train" else "reference_cache_eval")
     store_hidden = objective.needs_reference_distribution
-    key = _cache_key(config, len(dataset), store_hidden, config.data.train)
     if data_set == "eval":
-        key = {**_cache_key(config, len(dataset), store_hidden, config.eval.data), "split": config.eval.split}
+        key = {
+            **_cache_key(config, len(dataset), store_hidden, *config.eval_source()),
+            "split": config.eval.split,
+        }
+    else:
+        key = _cache_key(
+            config, len(dataset), store_hidden, config.data.train, config.data.subset, config.data.revision
+        )
     if accelerator.is_main_process:
         if _cached_key(folder) != key:  # absent, or built from another model / data / setting: rebuild
             ref = (
@@ -408,16 +414,22 @@ def _make_reference(
     return CachedReference(folder, device=accelerator.device)
 
 
-def _cache_key(config: TrainConfig, pairs: int, store_hidden: bool, data: str) -> dict[str, Any]:
-    """What the reference cache of the pairs in `data` (data.train or eval.data) depends on; a cache whose key
-    differs is stale and rebuilt. Hub models and data sets are named by id and commit (`tether.hub.identity`),
-    local ones by their resolved path."""
+def _cache_key(
+    config: TrainConfig,
+    pairs: int,
+    store_hidden: bool,
+    data: str,
+    subset: str | None,
+    data_revision: str | None,
+) -> dict[str, Any]:
+    """What the reference cache of the pairs in `data` (data.train or eval.data, read at subset and
+    data_revision) depends on; a cache whose key differs is stale and rebuilt. Hub models and data sets are
+    named by id and commit (`tether.hub.identity`), local ones by their resolved path."""
     if config.reference.path:
         reference, revision, adapter = config.reference.path, config.reference.revision, None
     else:  # the initial policy: the base, with the loaded adapter if any
         (reference, revision), adapter = hub.base_model(config.model), config.model.adapter
     tokenizer, tokenizer_revision = hub.tokenizer_source(config.model)
-    data_revision = config.data.revision if data == config.data.train else None
     return json.loads(
         json.dumps(
             {
@@ -434,7 +446,7 @@ def _cache_key(config: TrainConfig, pairs: int, store_hidden: bool, data: str) -
                 "tokenizer": hub.identity(tokenizer, tokenizer_revision),
                 "data": hub.identity(data, data_revision, "dataset"),
                 "data_stamp": _stamps(Path(hub.local_path(data, data_revision, "dataset")), "*"),
-                "data_subset": config.data.subset,
+                "data_subset": subset,
                 "max_length": config.data.max_length,
                 "max_prompt_length": config.data.max_prompt_length,
                 "model_dtype": config.model.dtype,
@@ -1088,9 +1100,12 @@ def _reduce_metrics(accelerator, sums: _StepSums) -> tuple[dict[str, float], int
 
 
 def _load_eval_data(config: TrainConfig, tokenizer, main: bool):
-    """The held-out pairs of eval.data, read as data.train is (`_read_pairs`); their report is printed and
-    written to eval_data_report.json."""
-    dataset, report = _read_pairs(config, tokenizer, main, config.eval.data, split=config.eval.split)
+    """The held-out pairs of eval.data, read as data.train is (`_read_pairs`; `TrainConfig.eval_source`);
+    their report is printed and written to eval_data_report.json."""
+    data, subset, revision = config.eval_source()
+    dataset, report = _read_pairs(
+        config, tokenizer, main, data, split=config.eval.split, subset=subset, revision=revision
+    )
     if main:
         print(report.format_table())
         report.write_json(Path(config.output_dir) / "eval_data_report.json")
