@@ -36,12 +36,18 @@ the targets use measured points only.
 A larger vocabulary (`--vocab 128256`: Llama 3's; Qwen2.5 has 151,936 and Gemma 256,000) keeps the body and
 changes only the vocabulary, with its own JSON, plot and RESULTS.md section:
 
-    python benchmarks/memory_ceiling.py --vocab 128256 --lengths 512 1024 2048 4096 8192 16384 --write-results
+    python benchmarks/memory_ceiling.py --vocab 128256 --lengths 512 1024 2048 4096 8192 16384 \
+        --only "tether dpo" "trl dpo" "tether tdpo2" "tether dpo +gc" "trl dpo +gc" "full-logits dpo"
 
 Why, decided before it ran: what this benchmark compares is the full (2, L, V) logits against tether's chunked
 head, and at V = 32000 no configuration reached the 20 GB ceiling by L = 8192 on this 23 GB machine, so that
 sweep cannot say how much longer tether fits; vocabularies of 128k-256k are what current models bring. Its
 model has 156.6M parameters (embedding and untied head 65.7M each) and the same 8 layers of width 512.
+The configurations, also chosen before it ran: the ones the targets compare (tether dpo and TRL with and
+without checkpointing, TDPO2) and the full-logits path, which says how much of the difference is the head;
+epsilon-DPO and TDPO2 with checkpointing are left out to fit the sweep in a session (at V = 32000 epsilon-DPO
+stayed within 11% of DPO's memory up to 4096, within 3% at 2048 and 4096, and TDPO2 +gc within 10% of
+DPO +gc).
 
 Why the 58M model and not SmolLM2-135M's shape: a step at 8k tokens per row costs about 14 TFLOP on the 58M
 model and 54 TFLOP on SmolLM2's (30 layers, plus attention that grows with L), 2 to 4 CPU-hours for the
