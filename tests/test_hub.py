@@ -265,6 +265,30 @@ def test_eval_loads_a_hub_model(hub_model, tiny_model_dir):
     assert torch.equal(model.state_dict()[name], expected[name])
 
 
+def test_eval_scores_with_a_hub_reward_model(tmp_path, hub_cache, tiny_model_dir):
+    """A reward model named by Hub id is read from its cached snapshot and scores as its local folder does;
+    an id not in the cache (offline) is a clear error."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    from tether.evaluate.rewards import RewardModelScorer, load_reward, score_all
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "rm")
+    lay_out(hub_cache, "model", "org/rm", folder_files(tmp_path / "rm"), COMMIT)
+
+    scorer = load_reward("org/rm")
+    assert isinstance(scorer, RewardModelScorer)
+    prompts, completions = ["1+2=", "3+4="], ["3", "8"]
+    assert score_all(scorer, prompts, completions) == score_all(
+        load_reward(str(tmp_path / "rm")), prompts, completions
+    )
+    with pytest.raises(ValueError, match="^reward model: .*org/missing"):
+        load_reward("org/missing")
+
+
 def test_trl_names_hub_ids_revisions_subsets_and_adapters(tmp_path, hub_model, make_adapter):
     from tether.trl_config import TRLConfigError, from_trl
 

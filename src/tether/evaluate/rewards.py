@@ -1,8 +1,8 @@
 """Scalar rewards for (prompt, completion) pairs, and win rates of policy samples against reference samples.
 
 A reward is either a Python callable (prompt, completion) -> float (or a "module:function" string naming
-one), or a local reward model: `AutoModelForSequenceClassification` loaded from a folder with safetensors
-weights only, `trust_remote_code` off, never from a hub. The reward model's score is its first logit on
+one), or a reward model: `AutoModelForSequenceClassification` loaded from a local folder or a Hub id's
+snapshot in the hub cache (`tether.hub`), safetensors weights only, `trust_remote_code` off. The reward model's score is its first logit on
 the chat-templated conversation [user: prompt, assistant: completion] when its tokenizer has a chat
 template, else on prompt + completion.
 
@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from tether import hub
 from tether.evaluate.verifiers import load_callable
 
 RewardFn = Callable[[str, str], float]
@@ -28,7 +29,8 @@ class RewardModelScorer:
     """Scores (prompt, completion) pairs with a local sequence-classification reward model.
 
     Args:
-        path: a local folder holding config, tokenizer and *.safetensors weights.
+        path: a folder holding config, tokenizer and *.safetensors weights, or a Hub id (org/name) whose
+            snapshot is in the hub cache (fetched first when the Hub is reachable and not offline).
         device: where to run it; batch_size: pairs per forward pass; max_length: tokens kept (from the left).
     """
 
@@ -37,8 +39,13 @@ class RewardModelScorer:
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        if hub.is_hub_id(path):
+            try:
+                path = hub.local_path(path)
+            except hub.HubError as exc:
+                raise ValueError(f"reward model: {exc}") from None
         if not os.path.isdir(path):
-            raise ValueError(f"reward model {path!r} is not a local folder (models are never downloaded)")
+            raise ValueError(f"reward model {path!r} is not a folder or a Hub id (org/name)")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             path, local_files_only=True, trust_remote_code=False, use_safetensors=True
@@ -80,13 +87,13 @@ class RewardModelScorer:
 
 
 def load_reward(spec: str | RewardFn, device: str | torch.device = "cpu", batch_size: int = 8) -> Callable:
-    """A reward from a spec: a callable, a "module:function" string, or a local reward-model folder.
+    """A reward from a spec: a callable, a "module:function" string, or a reward-model folder or Hub id.
 
     Returns a callable; `score_all` knows both kinds (per-pair callables and batch scorers).
     """
     if callable(spec):
         return spec
-    if isinstance(spec, str) and os.path.isdir(spec):
+    if isinstance(spec, str) and (os.path.isdir(spec) or hub.is_hub_id(spec)):
         return RewardModelScorer(spec, device=device, batch_size=batch_size)
     return load_callable(spec, "reward")
 
