@@ -280,3 +280,23 @@ def test_repeats_report_medians_and_spread() -> None:
     assert "tok/s 250.0 [200.0-300.0]" in lines[1] and "MFU 65 [50-70]%" in lines[1]
     # within-run ratios 3.0, 2.0, 5.0: median 3.0 (the ratio of the medians would be 250/100 = 2.5)
     assert lines[3] == "  tether dpo / trl dpo: tok/s x3.00 (per run: x3.00, x2.00, x5.00)"
+
+
+# --- row_groups.py ----------------------------------------------------------------------------------------
+
+
+def test_row_groups_benchmark_tiny(tmp_path, capsys) -> None:
+    """Both settings run on the same micro-batches; merging never adds forwards and never computes fewer
+    tokens than the real ones, and one forward per distinct length computes exactly the real tokens."""
+    import row_groups
+
+    assert row_groups.main(["--config", "tiny", "--repeats", "1", "--steps", "3", "--merge", "0", "64"]) == 0
+    rows = {
+        line.split()[0]: line.split()
+        for line in capsys.readouterr().out.splitlines()
+        if line.strip().split(" ")[0] in ("0", "64")
+    }
+    assert set(rows) == {"0", "64"}
+    forwards = {k: int(v[-2]) for k, v in rows.items()}
+    tokens = {k: float(v[-1]) for k, v in rows.items()}
+    assert forwards["64"] <= forwards["0"] and tokens["0"] == 1.0 and tokens["64"] >= 1.0

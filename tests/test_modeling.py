@@ -256,3 +256,50 @@ def test_probe_accepts_tied_and_16_bit_models(dtype, tied):
         model = build(f"{name}Config", f"{name}ForCausalLM", fields, tie_word_embeddings=tied).to(dtype)
         assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
         check_head_matches_logits(model)
+
+
+# --- the CPU forward in groups of close row lengths ------------------------------------------------------
+
+
+def test_row_groups_by_hand():
+    lengths = [10, 8, 8, 3, 40, 39]
+    assert causal_lm.row_groups(lengths, 0) == [(40, [4]), (39, [5]), (10, [0]), (8, [1, 2]), (3, [3])]
+    # 39 pads 1 token into 40's forward; 10 would pad 30; the two rows of 8 pad 2 each (4 <= 4); 3 would pad 7.
+    assert causal_lm.row_groups(lengths, 4) == [(40, [4, 5]), (10, [0, 1, 2]), (3, [3])]
+    assert causal_lm.row_groups(lengths, 3) == [(40, [4, 5]), (10, [0]), (8, [1, 2]), (3, [3])]
+    assert causal_lm.row_groups(lengths, 10**9) == [(40, [4, 5, 0, 1, 2, 3])]
+    with pytest.raises(ValueError, match="merge_pad_tokens"):
+        causal_lm.row_groups(lengths, -1)
+
+
+def test_grouped_forward_equals_the_padded_batch_in_values_and_gradients():
+    """Any grouping (one forward per length, merged, one forward for all) gives the padded batch's hidden
+    states at real positions, zeros at padding, and the same parameter gradients, in float64."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL)).double()
+
+    def ids(n: int, offset: int) -> list[int]:
+        return [(7 * i + offset) % 60 + 3 for i in range(n)]
+
+    pairs = [
+        TokenizedPair(ids(5, 0), ids(9, 1), ids(3, 2), 1),
+        TokenizedPair(ids(2, 3), ids(12, 4), ids(12, 5), 2),
+        TokenizedPair(ids(6, 6), ids(1, 7), ids(8, 8), 3),
+    ]
+    batch = PreferenceCollator(0)(pairs)  # row lengths 14, 14, 7, 8, 14, 14
+    mask = batch.attention_mask.bool()
+
+    def run(split_rows: bool, merge: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        hidden = causal_lm.final_hidden_states(model, batch, split_rows, merge)
+        (hidden[mask] ** 2).sum().backward()
+        return hidden.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    padded, padded_grads = run(False, 0)
+    for merge in (0, 1, 6, 10**9):
+        hidden, grads = run(True, merge)
+        torch.testing.assert_close(hidden[mask], padded[mask], rtol=1e-10, atol=1e-10)
+        assert torch.all(hidden[~mask] == 0)
+        assert len(grads) == len(padded_grads) == len(list(model.parameters())) - 1  # all but lm_head
+        for got, expected in zip(grads, padded_grads):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)

@@ -76,17 +76,27 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, He
     return head.weight, head.bias, head_transform(model)
 
 
-def final_hidden_states(model: nn.Module, batch: PreferenceBatch, split_rows: bool = True) -> torch.Tensor:
+# On CPU a forward over few tokens runs its matmuls well below their peak (small M), so a forward per row
+# length is not always cheapest: rows whose lengths are close share one forward, padded to the longest.
+# `row_groups` merges while the padding a length adds is at most this many tokens, the per-forward cost in
+# tokens measured by benchmarks/row_groups.py.
+MERGE_PAD_TOKENS = 64
+
+
+def final_hidden_states(
+    model: nn.Module, batch: PreferenceBatch, split_rows: bool = True, merge_pad_tokens: int = MERGE_PAD_TOKENS
+) -> torch.Tensor:
     """(2B, T, H) final (normed) hidden states of an unwrapped causal LM (or PEFT model), through its forward.
 
-    On CPU with split_rows, the model runs one forward per distinct row length over the real tokens only: a
-    right-padded row's real positions do not depend on its padding (causal attention, positions 0..L-1), so
-    the values are the same and no FLOPs go to padding. Its padding positions then hold zeros; every caller
-    reads real positions only. The input embedding is looked up once for the whole batch and each forward
-    gets its rows' `inputs_embeds`, so backward builds one dense (V, H) embedding gradient per call, not one
-    per row length (benchmarks/profile_tether.py). On other devices, and without split_rows (FSDP and
-    DeepSpeed ZeRO-3 expect each sharded layer to run once per forward), the padded batch runs in one call.
-    Either way the input embedding runs once per call of this function.
+    On CPU with split_rows, the rows run in groups of close lengths (`row_groups`), one forward per group over
+    the group's longest row: a right-padded row's real positions do not depend on what follows them (causal
+    attention, positions 0..L-1), so the values at real positions are those of the padded batch, and padding
+    past a group's longest row costs no FLOPs. Padding positions hold zeros; every caller reads real positions
+    only. The input embedding is looked up once for the whole batch and each forward gets its rows'
+    `inputs_embeds`, so backward builds one dense (V, H) embedding gradient per call, not one per group
+    (benchmarks/profile_tether.py). On other devices, and without split_rows (FSDP and DeepSpeed ZeRO-3
+    expect each sharded layer to run once per forward), the padded batch runs in one call. Either way the
+    input embedding runs once per call of this function.
     """
     lengths = (
         _right_padded_lengths(batch.attention_mask)
@@ -98,15 +108,34 @@ def final_hidden_states(model: nn.Module, batch: PreferenceBatch, split_rows: bo
     rows, width = batch.input_ids.shape
     embeds = model.get_input_embeddings()(batch.input_ids)  # (2B, T, H)
     order, parts = [], []
-    for length in sorted(set(lengths), reverse=True):
-        index = [r for r in range(rows) if lengths[r] == length]
-        hidden = _hidden(model, inputs_embeds=embeds[index, :length])  # (g, length, H), no padding
+    for length, index in row_groups(lengths, merge_pad_tokens):
+        hidden = _hidden(model, inputs_embeds=embeds[index, :length])  # (g, length, H)
+        hidden = hidden * batch.attention_mask[index, :length].unsqueeze(-1).to(hidden.dtype)
         parts.append(nn.functional.pad(hidden, (0, 0, 0, width - length)))
         order.extend(index)
     stacked = torch.cat(parts)  # rows in `order`
     inverse = torch.empty(rows, dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(rows)
     return stacked[inverse.to(stacked.device)]
+
+
+def row_groups(lengths: list[int], merge_pad_tokens: int = MERGE_PAD_TOKENS) -> list[tuple[int, list[int]]]:
+    """The forwards of `final_hidden_states`: (length, row indices) per group, longest first.
+
+    Distinct lengths are visited longest first; the rows of a length join the current group (of length Lg)
+    when the padding they add, rows * (Lg - length), is at most merge_pad_tokens, else they start a group.
+    With a forward's cost modelled as c * (its tokens + merge_pad_tokens), merging is cheaper exactly then.
+    merge_pad_tokens=0: one forward per distinct length (no padding computed)."""
+    if merge_pad_tokens < 0:
+        raise ValueError(f"merge_pad_tokens must be >= 0, got {merge_pad_tokens}")
+    groups: list[tuple[int, list[int]]] = []
+    for length in sorted(set(lengths), reverse=True):
+        index = [r for r, n in enumerate(lengths) if n == length]
+        if groups and len(index) * (groups[-1][0] - length) <= merge_pad_tokens:
+            groups[-1][1].extend(index)
+        else:
+            groups.append((length, index))
+    return groups
 
 
 def _hidden(

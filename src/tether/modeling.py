@@ -306,7 +306,8 @@ class PolicyStatistics(nn.Module):
     FSDP auto-wrap finds the decoder layers through `_no_split_modules`. The causal LM itself is held as a
     plain attribute, `causal_lm`, and its forward is what `forward` calls.
 
-    split_rows: allow one forward per row length on CPU (`final_hidden_states`); off under FSDP/ZeRO-3.
+    split_rows: allow one forward per group of close row lengths on CPU (`final_hidden_states`); off under
+        FSDP/ZeRO-3.
     """
 
     def __init__(self, causal_lm: nn.Module, split_rows: bool = True):
