@@ -303,6 +303,7 @@ def build_assets(cfg: BenchConfig, folder: Path) -> dict:
     n_pairs = cfg.steps * cfg.pairs_per_step
     real, response = [0] * cfg.steps, [0] * cfg.steps
     padded = [0] * cfg.steps
+    rows: list[list[int]] = [[] for _ in range(cfg.steps)]  # each step's row lengths (chosen, rejected)
     with open(folder / "data.jsonl", "w") as fh:
         for i in range(n_pairs):
             p = rng.randint(*cfg.prompt)
@@ -321,8 +322,9 @@ def build_assets(cfg: BenchConfig, folder: Path) -> dict:
             real[s] += 2 * p + c + r
             response[s] += c + r
             padded[s] = max(padded[s], p + max(c, r))
+            rows[s] += [p + c, p + r]
     padded = [w * 2 * cfg.pairs_per_step for w in padded]
-    return {"real_tokens": real, "response_tokens": response, "padded_tokens": padded}
+    return {"real_tokens": real, "response_tokens": response, "padded_tokens": padded, "row_lengths": rows}
 
 
 def real_weights(cfg: BenchConfig) -> str | None:
@@ -693,19 +695,25 @@ def spread_lines(per_run: list[dict]) -> list[str]:
 
 
 def work_ratio_line(cfg: BenchConfig, counts: dict) -> str:
-    """The matmul work of the timed steps, TRL / tether: TRL applies every nn.Linear, lm_head included, to
-    every position of its padded batch; tether the body's to the real tokens only and lm_head to the response
-    tokens only. The tok/s ratio the two would reach at equal matmul efficiency (attention scores and the
-    element-wise work aside)."""
+    """The matmul work of the timed steps, TRL / tether: TRL on CPU applies every nn.Linear, lm_head included
+    (its fused head scores every position off CUDA), to every position of its padded batch; tether the body's
+    to the tokens of its row groups (`tether.causal_lm.row_groups`: the real tokens and the little padding
+    merged into shared forwards) and lm_head to the response tokens only. The tok/s ratio the two would reach
+    at equal matmul efficiency (attention scores and the element-wise work aside)."""
+    from tether.causal_lm import row_groups
+
     w = cfg.warmup
     head = cfg.vocab * cfg.hidden
     body = cfg.n_matmul() - head
     trl = sum(counts["padded_tokens"][w:]) * cfg.n_matmul()
-    tether = sum(counts["real_tokens"][w:]) * body + sum(counts["response_tokens"][w:]) * head
+    grouped = sum(
+        length * len(index) for lengths in counts["row_lengths"][w:] for length, index in row_groups(lengths)
+    )
+    tether = grouped * body + sum(counts["response_tokens"][w:]) * head
     return (
         f"matmul work of the timed steps, TRL / tether: x{trl / tether:.2f} (TRL: every nn.Linear at every padded"
-        " position; tether: the body at real tokens, lm_head at response tokens; the tok/s ratio at equal"
-        " matmul speed)"
+        " position; tether: the body at its row groups' tokens, lm_head at response tokens; the tok/s ratio at"
+        " equal matmul speed)"
     )
 
 
