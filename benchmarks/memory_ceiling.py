@@ -411,15 +411,15 @@ def report(results: dict) -> str:
         if not complete(rows[b], lengths):
             bound += f" ({b}'s sweep did not reach its limit either)"
         undetermined = r < 4 and open_ended and not complete(rows[b], lengths)
-        return (
-            f"tether fits >= 4x TRL's length ({a}: {fa} / {b}: {fb} = x{r:g}{bound})",
-            None if undetermined else r >= 4,
-        )
+        text = f"tether fits >= 4x TRL's length ({a}: {fa} / {b}: {fb} = x{r:g}{bound})"
+        if fa == fb == top:
+            return (text, "not determined: both fit every length of the sweep")
+        return (text, None if undetermined else r >= 4)
 
     targets = [ratio_target("tether dpo", "trl dpo"), ratio_target("tether dpo +gc", "trl dpo +gc")]
     measured_t = [(fit_of(k) or 0, k) for k in rows if k.startswith("tether")]
     measured_r = [(fit_of(k) or 0, k) for k in rows if k.startswith("trl")]
-    if measured_t and measured_r:
+    if measured_t and measured_r and min(fit for fit, _ in measured_t + measured_r) < top:
         best_t, best_r = max(measured_t)[1], max(measured_r)[1]
         if (best_t, best_r) not in (("tether dpo", "trl dpo"), ("tether dpo +gc", "trl dpo +gc")):
             targets.append(ratio_target(best_t, best_r))
@@ -433,7 +433,12 @@ def report(results: dict) -> str:
             targets.append((f"TDPO2 fits the same length as tether DPO ({a}: {fa}; {b}: {fb})", met))
     for t in targets:
         if t is not None:
-            verdict = "not determined: sweep cut by time" if t[1] is None else ("met" if t[1] else "NOT met")
+            if isinstance(t[1], str):
+                verdict = t[1]
+            else:
+                verdict = (
+                    "not determined: sweep cut by time" if t[1] is None else ("met" if t[1] else "NOT met")
+                )
             p(f"  [{verdict}] {t[0]}")
     return "\n".join(out)
 

@@ -232,6 +232,13 @@ def test_report_targets() -> None:
         "[NOT met] tether fits >= 4x TRL's length (tether dpo +gc: 2048 / trl dpo +gc: 1024 = x2 (a lower"
         in text
     )
+    # Both fit every length: the ratio is not known (x1 is only a lower bound), and no best-vs-best line.
+    results["points"]["trl dpo"] = pts(8192)
+    text = memory_ceiling.report(results)
+    assert (
+        "[not determined: both fit every length of the sweep] tether fits >= 4x TRL's length (tether dpo: 8192"
+        " / trl dpo: 8192 = x1" in text
+    )
 
 
 @pytest.mark.slow

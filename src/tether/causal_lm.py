@@ -84,7 +84,10 @@ MERGE_PAD_TOKENS = 64
 
 
 def final_hidden_states(
-    model: nn.Module, batch: PreferenceBatch, split_rows: bool = True, merge_pad_tokens: int = MERGE_PAD_TOKENS
+    model: nn.Module,
+    batch: PreferenceBatch,
+    split_rows: bool = True,
+    merge_pad_tokens: int = MERGE_PAD_TOKENS,
 ) -> torch.Tensor:
     """(2B, T, H) final (normed) hidden states of an unwrapped causal LM (or PEFT model), through its forward.
 
