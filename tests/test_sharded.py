@@ -96,6 +96,8 @@ def _launch(port: int, tmp_path: Path, engine: str, config: Path, *extra: str) -
         timeout=300,  # a collective one rank never joins fails here instead of blocking CI
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # FSDP2 warns when a wrapped module returns a view (an in-place op on it would skip the all-gather).
+    assert "returned a view tensor" not in proc.stderr
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -335,7 +335,8 @@ class PolicyStatistics(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The batch's `PairStats` as a dict of its tensors (`PairStats(**out)` rebuilds it): wrappers find the
         outputs' tensors in dicts, not in dataclasses, and ZeRO-3 re-gathers the head weight for backward
-        through hooks on those tensors."""
+        through hooks on those tensors. A view is returned as a copy: FSDP2 registers its pre-backward hook on
+        each output, and an in-place op on a view would drop it (PyTorch warns of exactly that)."""
         # FSDP1's auto-wrap may replace one of our top-level children with its wrapped version (it sets the
         # attribute on the parent it walked, this module): the causal LM must call the wrapped one.
         for name, child in self.named_children():
@@ -344,4 +345,7 @@ class PolicyStatistics(nn.Module):
         stats = compute_pair_stats(
             self.causal_lm, reference, batch, indices, request, chunk_size, self.split_rows
         )
-        return {f.name: getattr(stats, f.name) for f in fields(stats) if getattr(stats, f.name) is not None}
+        out = {f.name: getattr(stats, f.name) for f in fields(stats) if getattr(stats, f.name) is not None}
+        return {
+            name: t.clone() if isinstance(t, torch.Tensor) and t._is_view() else t for name, t in out.items()
+        }
