@@ -113,7 +113,8 @@ def final_hidden_states(
     order, parts = [], []
     for length, index in row_groups(lengths, merge_pad_tokens):
         hidden = _hidden(model, inputs_embeds=embeds[index, :length])  # (g, length, H)
-        hidden = hidden * batch.attention_mask[index, :length].unsqueeze(-1).to(hidden.dtype)
+        if any(lengths[r] < length for r in index):  # merged shorter rows: zero their padding positions
+            hidden = hidden * batch.attention_mask[index, :length].unsqueeze(-1).to(hidden.dtype)
         parts.append(nn.functional.pad(hidden, (0, 0, 0, width - length)))
         order.extend(index)
     stacked = torch.cat(parts)  # rows in `order`

@@ -2,9 +2,9 @@
 
 A reward is either a Python callable (prompt, completion) -> float (or a "module:function" string naming
 one), or a reward model: `AutoModelForSequenceClassification` loaded from a local folder or a Hub id's
-snapshot in the hub cache (`tether.hub`), safetensors weights only, `trust_remote_code` off. The reward model's score is its first logit on
-the chat-templated conversation [user: prompt, assistant: completion] when its tokenizer has a chat
-template, else on prompt + completion.
+snapshot in the hub cache (`tether.hub`), safetensors weights only, `trust_remote_code` off. The reward
+model's score is its first logit on the chat-templated conversation [user: prompt, assistant: completion]
+when its tokenizer has a chat template, else on prompt + completion.
 
 Win rate (per prompt i with policy rewards a_1..a_n and reference rewards b_1..b_m):
     w_i = (1 / (n m)) sum_j sum_l [1(a_j > b_l) + 0.5 * 1(a_j = b_l)]
