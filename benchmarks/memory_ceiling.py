@@ -399,12 +399,15 @@ def report(results: dict) -> str:
     def fit_of(label):
         return longest_fit(rows[label]) if label in rows else None
 
+    def verdict(met: bool | None) -> str:
+        return "not determined: sweep cut by time" if met is None else ("met" if met else "NOT met")
+
     def ratio_target(a: str, b: str):
         fa, fb = fit_of(a), fit_of(b)
         if fa is None or b not in rows:
             return None
         if fb is None:
-            return (f"tether fits >= 4x TRL's length ({a}: {fa}; {b}: none of the lengths)", True)
+            return (f"tether fits >= 4x TRL's length ({a}: {fa}; {b}: none of the lengths)", verdict(True))
         r = fa / fb
         open_ended = fa == top or not complete(rows[a], lengths)
         bound = " (a lower bound: tether's sweep did not reach its limit)" if open_ended and r < 4 else ""
@@ -414,7 +417,7 @@ def report(results: dict) -> str:
         text = f"tether fits >= 4x TRL's length ({a}: {fa} / {b}: {fb} = x{r:g}{bound})"
         if fa == fb == top:
             return (text, "not determined: both fit every length of the sweep")
-        return (text, None if undetermined else r >= 4)
+        return (text, verdict(None if undetermined else r >= 4))
 
     targets = [ratio_target("tether dpo", "trl dpo"), ratio_target("tether dpo +gc", "trl dpo +gc")]
     measured_t = [(fit_of(k) or 0, k) for k in rows if k.startswith("tether")]
@@ -430,16 +433,10 @@ def report(results: dict) -> str:
             met = (fa or 0) >= (fb or 0)
             if not met and not complete(rows[a], lengths):
                 met = None  # its sweep was cut by time before the length tether dpo reached
-            targets.append((f"TDPO2 fits the same length as tether DPO ({a}: {fa}; {b}: {fb})", met))
+            targets.append((f"TDPO2 fits the same length as tether DPO ({a}: {fa}; {b}: {fb})", verdict(met)))
     for t in targets:
         if t is not None:
-            if isinstance(t[1], str):
-                verdict = t[1]
-            else:
-                verdict = (
-                    "not determined: sweep cut by time" if t[1] is None else ("met" if t[1] else "NOT met")
-                )
-            p(f"  [{verdict}] {t[0]}")
+            p(f"  [{t[1]}] {t[0]}")
     return "\n".join(out)
 
 
@@ -493,6 +490,11 @@ def plot(results: dict, path: Path) -> None:
 
 
 # --- main ------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """The machine a sweep runs on, recorded with each run (a --report-only rewrite may run elsewhere)."""
+    return f"{os.cpu_count()} CPUs (nproc), {vs_trl.cpu_model()}, {platform.machine()}, {platform.system()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": datetime.datetime.now().astimezone().strftime("%a %b %d %H:%M:%S %Z %Y"),
                 "configurations": [c.label for c in configs],
                 "threads": args.threads,
+                "machine": machine(),
                 "load_start": load_start,
                 "load_end": os.getloadavg(),
             }
@@ -649,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             " script's docstring and benchmarks/README.md.",
             "",
             f"- runs: {runs}",
-            f"- machine: {os.cpu_count()} CPUs (nproc), {vs_trl.cpu_model()}, {platform.machine()}, {platform.system()}",
+            f"- machine: {'; '.join(dict.fromkeys(r.get('machine', 'not recorded') for r in results.get('runs', [])))}",
             f"- plot: [{plot_ref}]({plot_ref})",
             "",
             "```",
